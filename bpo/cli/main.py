@@ -1,0 +1,42 @@
+"""``bpo``: the command line. Settings are read once here and passed down."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from bpo.cli import models_cmd, optimize_cmd
+from bpo.errors import BpoError
+
+app = typer.Typer(
+    name="bpo",
+    help="Black-Box Prompt Optimization: rewrite prompts so any black-box LLM answers them better.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("optimize")(optimize_cmd.optimize)
+app.add_typer(models_cmd.app, name="models")
+
+
+@app.callback()
+def _configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except BpoError as exc:
+        typer.secho(f"error ({exc.status_code}): {exc}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The one interface every inference engine implements: async and batch-first.
+
+The optimizer, and later the generator and the judge, receive an ``EngineClient`` through their constructor;
+they never choose or import an engine themselves (see ``bpo.engines.factory``).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_tokens: int = 1024
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Either chat ``messages`` (rendered with the model's chat template) or a raw ``prompt`` (no template)."""
+
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerationRequest takes exactly one of messages or prompt")
+
+    def messages_as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages or ()]
+
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    latency_s: float
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    """Token accounting across every call an engine has served (thread-safe: engines run in workers)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, completion: Completion) -> None:
+        with self._lock:
+            self.calls += 1
+            self.prompt_tokens += completion.prompt_tokens
+            self.completion_tokens += completion.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """What produced a text: a name users see and a version that changes whenever the weights do."""
+
+    name: str
+    version: str
+
+
+class EngineClient(abc.ABC):
+    engine_name: str
+
+    def __init__(self, identity: ModelIdentity, context_length: int) -> None:
+        self.identity = identity
+        self.context_length = context_length
+        self.usage = UsageTotals()
+
+    @abc.abstractmethod
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Complete every request; the engine batches as well as it can. Results keep the input order."""
+
+    @abc.abstractmethod
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens the request occupies in the context window once templated (an upper estimate at worst)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - engines without resources need not override
+        """Release the model or connection pool."""
+
+    def _record(self, completions: list[Completion]) -> list[Completion]:
+        for completion in completions:
+            self.usage.record(completion)
+        return completions
+
+
+def derive_seed(seed: int | None, text: str) -> int | None:
+    """A per-item seed from the run seed and the item itself, so a result does not depend on batch position."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

@@ -1,0 +1,105 @@
+"""The one typed settings object a process reads once at start.
+
+Every environment variable the platform reads is declared here and nowhere else: pydantic-settings maps
+``BPO_<FIELD>`` and ``BPO_<SECTION>__<FIELD>`` onto the fields below, so this module is the full list.
+
+    BPO_STATE_DIR                       where prepared models and other caches live
+    BPO_ENGINE__NAME                    llamacpp | vllm | openai | transformers
+    BPO_ENGINE__MODEL                   a catalogue name, a local GGUF file or HF folder, or a hub id
+    BPO_ENGINE__THREADS                 CPU threads for in-process engines (0 = all cores)
+    BPO_ENGINE__CONTEXT_LENGTH          context window the engine is opened with
+    BPO_ENGINE__OPENAI_BASE_URL         endpoint for the openai engine (OpenAI, vLLM or llama.cpp server)
+    BPO_ENGINE__OPENAI_API_KEY          its key (also read from OPENAI_API_KEY when unset)
+    BPO_ENGINE__OPENAI_MODEL            the model name the endpoint serves
+    BPO_ENGINE__OPENAI_EXTRA_BODY       JSON object of server-specific sampling fields, e.g. '{"repeat_penalty": 1.0}'
+                                        (llama.cpp's server applies a repeat penalty of 1.1 unless told otherwise)
+    BPO_ENGINE__MAX_CONCURRENCY         requests in flight at once against an endpoint
+    BPO_ENGINE__REQUEST_TIMEOUT_S       per-request timeout
+    BPO_ENGINE__MAX_ATTEMPTS            attempts per request, the first included
+    BPO_ENGINE__RETRY_BASE_DELAY_S      first back-off delay (doubles each retry, with full jitter)
+    BPO_ENGINE__RETRY_MAX_DELAY_S       cap on one back-off delay
+    BPO_ENGINE__DEVICE                  cpu | cuda | auto, for transformers
+    BPO_ENGINE__DTYPE                   auto | float32 | bfloat16 | float16, for transformers and vllm
+    BPO_ENGINE__VLLM_KV_CACHE_GIB       KV-cache size for vLLM on CPU
+    BPO_ENGINE__VLLM_GPU_MEMORY_UTILIZATION  fraction of GPU memory vLLM may take
+    BPO_OPTIMIZER__TEMPERATURE / TOP_P / MAX_NEW_TOKENS / ROUNDS / SEED / BATCH_SIZE
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineName = Literal["llamacpp", "vllm", "openai", "transformers"]
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def _default_state_dir() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "bpo"
+
+
+class EngineSettings(BaseModel):
+    """Which inference engine runs which model, and how it reaches the hardware or endpoint."""
+
+    name: EngineName = "llamacpp"
+    model: str = DEFAULT_MODEL
+    threads: int = Field(default=0, ge=0)
+    context_length: int = Field(default=4096, ge=256)
+    openai_base_url: str | None = None
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None
+    openai_extra_body: dict[str, Any] = Field(default_factory=dict)
+    max_concurrency: int = Field(default=8, ge=1)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_delay_s: float = Field(default=0.5, ge=0)
+    retry_max_delay_s: float = Field(default=30.0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    vllm_kv_cache_gib: int = Field(default=2, ge=1)
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _openai_needs_endpoint(self) -> EngineSettings:
+        if self.name == "openai" and not self.openai_base_url:
+            raise ValueError("engine 'openai' needs openai_base_url (BPO_ENGINE__OPENAI_BASE_URL)")
+        return self
+
+    def resolved_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+    def resolved_api_key(self) -> str:
+        if self.openai_api_key is not None:
+            return self.openai_api_key.get_secret_value()
+        # Local OpenAI-compatible servers accept any key; the SDK insists on one being set.
+        return os.environ.get("OPENAI_API_KEY", "not-needed")
+
+
+class OptimizerSettings(BaseModel):
+    """Sampling defaults are the paper's inference settings (top_p 0.9, temperature 0.6, 1024 new tokens)."""
+
+    temperature: float = Field(default=0.6, ge=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_new_tokens: int = Field(default=1024, ge=1)
+    rounds: int = Field(default=1, ge=1, le=10)
+    seed: int | None = None
+    batch_size: int = Field(default=8, ge=1)
+
+
+class BpoSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BPO_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
