@@ -17,7 +17,6 @@ from typing import Any
 from bpo.engines.base import Completion, EngineClient, FinishReason, GenerationRequest, ModelIdentity
 from bpo.errors import EngineUnavailableError
 
-
 # llama.cpp otherwise adds top-k 40 and min-p 0.05 (and its server a repeat penalty of 1.1) to every request.
 LLAMA_CPP_PLAIN_SAMPLING: dict[str, float | int] = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
