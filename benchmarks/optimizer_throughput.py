@@ -27,6 +27,7 @@ from typing import Any
 from bpo.corpus.formats import CorpusRecord, builtin_dataset_path, read_corpus
 from bpo.engines.base import EngineClient
 from bpo.engines.factory import build_engine
+from bpo.engines.llamacpp import LLAMA_CPP_PLAIN_SAMPLING
 from bpo.engines.llamacpp_server import serve_gguf
 from bpo.models.catalogue import ModelCatalogue, ModelSpec
 from bpo.models.prepare import ModelPreparer
@@ -49,7 +50,13 @@ async def engine_for(
     overrides: dict[str, Any] = {"name": name, "model": MODEL, "threads": threads, "context_length": 4096}
     if name == "openai":
         base_url = stack.enter_context(serve_gguf(preparer.gguf_path(spec), alias=MODEL, threads=threads))
-        overrides.update(openai_base_url=base_url, openai_model=MODEL, max_concurrency=8)
+        # Same sampling as in-process: the server's defaults would add a repeat penalty, top-k and min-p.
+        overrides.update(
+            openai_base_url=base_url,
+            openai_model=MODEL,
+            max_concurrency=8,
+            openai_extra_body=LLAMA_CPP_PLAIN_SAMPLING,
+        )
     engine = await asyncio.to_thread(build_engine, EngineSettings.model_validate(overrides), spec, preparer)
     try:
         yield engine

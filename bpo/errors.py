@@ -38,6 +38,10 @@ class ModelNotFoundError(BpoError):
     status_code = "NOT_FOUND"
 
 
+class JobNotFoundError(BpoError):
+    status_code = "NOT_FOUND"
+
+
 class ModelIntegrityError(BpoError):
     """Assembled weights do not match their pinned checksum."""
 
@@ -63,6 +67,7 @@ def error_for_status(status_code: str, message: str) -> BpoError:
     for cls in (
         InvalidPromptError,
         ModelNotFoundError,
+        JobNotFoundError,
         ModelIntegrityError,
         EngineUnavailableError,
         EngineOverloadedError,

@@ -14,6 +14,7 @@ Every environment variable the platform reads is declared here and nowhere else:
     BPO_ENGINE__OPENAI_EXTRA_BODY       JSON object of server-specific sampling fields, e.g. '{"repeat_penalty": 1.0}'
                                         (llama.cpp's server applies a repeat penalty of 1.1 unless told otherwise)
     BPO_ENGINE__MAX_CONCURRENCY         requests in flight at once against an endpoint
+    BPO_ENGINE__REQUESTS_PER_SECOND     request rate limit against an endpoint, retries included (0 = unlimited)
     BPO_ENGINE__REQUEST_TIMEOUT_S       per-request timeout
     BPO_ENGINE__MAX_ATTEMPTS            attempts per request, the first included
     BPO_ENGINE__RETRY_BASE_DELAY_S      first back-off delay (doubles each retry, with full jitter)
@@ -23,6 +24,21 @@ Every environment variable the platform reads is declared here and nowhere else:
     BPO_ENGINE__VLLM_KV_CACHE_GIB       KV-cache size for vLLM on CPU
     BPO_ENGINE__VLLM_GPU_MEMORY_UTILIZATION  fraction of GPU memory vLLM may take
     BPO_OPTIMIZER__TEMPERATURE / TOP_P / MAX_NEW_TOKENS / ROUNDS / SEED / BATCH_SIZE
+
+Platform (the distributed pipeline); an empty URL means "start an embedded one under the state directory":
+    BPO_PLATFORM__DATABASE_URL          postgresql://... (Postgres, the source of truth)
+    BPO_PLATFORM__KAFKA_BOOTSTRAP       host:port of a Kafka cluster
+    BPO_PLATFORM__REDIS_URL             redis://... (Celery broker and result backend)
+    BPO_PLATFORM__TOPIC_PREFIX          prefix of every topic name
+    BPO_PLATFORM__HOST                  address the services bind and are reached at
+    BPO_PLATFORM__JOBS_PORT / OPTIMIZER_PORT / GENERATOR_PORT / JUDGE_PORT   gRPC ports
+    BPO_PLATFORM__METRICS_PORT_BASE     first of the Prometheus ports (one per process, counting up)
+    BPO_PLATFORM__OPTIMIZER_MODEL       default optimizer model of jobs and of the Optimizer service
+    BPO_PLATFORM__TARGET_ENGINE / TARGET_MODEL / JUDGE_ENGINE / JUDGE_MODEL   defaults for jobs
+    BPO_PLATFORM__STAGE_BATCH_SIZE      messages a stage takes from its topic at once
+    BPO_PLATFORM__WORKER_TIMEOUT_S      how long a stage waits for an optimizer worker's batch
+    BPO_PLATFORM__EMBEDDED_POSTGRES_PORT / EMBEDDED_REDIS_PORT / EMBEDDED_KAFKA_PORT   ports `bpo up` uses
+    BPO_PLATFORM__WORKERS               optimizer worker processes `bpo up` starts (one engine replica each)
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ class EngineSettings(BaseModel):
     openai_model: str | None = None
     openai_extra_body: dict[str, Any] = Field(default_factory=dict)
     max_concurrency: int = Field(default=8, ge=1)
+    requests_per_second: float = Field(default=0.0, ge=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_s: float = Field(default=0.5, ge=0)
@@ -91,6 +108,32 @@ class OptimizerSettings(BaseModel):
     batch_size: int = Field(default=8, ge=1)
 
 
+class PlatformSettings(BaseModel):
+    database_url: str = ""
+    kafka_bootstrap: str = ""
+    redis_url: str = ""
+    topic_prefix: str = "bpo"
+    host: str = "127.0.0.1"
+    jobs_port: int = 50051
+    optimizer_port: int = 50052
+    generator_port: int = 50053
+    judge_port: int = 50054
+    metrics_port_base: int = 9400
+    optimizer_model: str = DEFAULT_MODEL
+    target_engine: EngineName = "llamacpp"
+    target_model: str = DEFAULT_MODEL
+    judge_engine: EngineName = "llamacpp"
+    judge_model: str = DEFAULT_MODEL
+    stage_batch_size: int = Field(default=8, ge=1)
+    worker_timeout_s: float = Field(default=1800.0, gt=0)
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=2000, ge=100)
+    embedded_postgres_port: int = 55432
+    embedded_redis_port: int = 56379
+    embedded_kafka_port: int = 59092
+    workers: int = Field(default=1, ge=1)
+
+
 class BpoSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BPO_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -99,6 +142,7 @@ class BpoSettings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    platform: PlatformSettings = Field(default_factory=PlatformSettings)
 
     @property
     def models_dir(self) -> Path:

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from bpo.cli import models_cmd, optimize_cmd
+from bpo.cli import jobs_cmd, models_cmd, optimize_cmd, stack_cmd
 from bpo.errors import BpoError
 
 app = typer.Typer(
@@ -19,6 +19,14 @@ app = typer.Typer(
 )
 app.command("optimize")(optimize_cmd.optimize)
 app.add_typer(models_cmd.app, name="models")
+app.command("up")(stack_cmd.up)
+app.command("status")(stack_cmd.status)
+app.command("down")(stack_cmd.down)
+app.command("submit")(jobs_cmd.submit)
+app.add_typer(jobs_cmd.app, name="jobs")
+app.command("serve", hidden=True)(stack_cmd.serve)
+app.command("worker", hidden=True)(stack_cmd.worker)
+app.command("supervise", hidden=True)(stack_cmd.supervise)
 
 
 @app.callback()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -53,6 +54,7 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
         import openai
 
         from bpo.engines.openai_compat import OpenAICompatEngine
+        from bpo.engines.ratelimit import RateLimiter
 
         served = settings.openai_model or spec.name
         client = openai.AsyncOpenAI(
@@ -61,6 +63,9 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
             timeout=settings.request_timeout_s,
             max_retries=0,
         )
+        rate = settings.requests_per_second
+        # A burst of one second's worth of requests: a provider's per-second window admits that many at once.
+        limiter = RateLimiter(rate, burst=max(1, math.ceil(rate))) if rate > 0 else None
         return OpenAICompatEngine(
             client,
             served,
@@ -74,6 +79,7 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
                 max_delay_s=settings.retry_max_delay_s,
             ),
             extra_body=settings.openai_extra_body,
+            rate_limiter=limiter,
         )
     raise InvalidConfigurationError(f"unknown engine {settings.name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 

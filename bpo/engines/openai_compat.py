@@ -1,7 +1,8 @@
 """Any OpenAI-compatible endpoint (OpenAI itself, vLLM's server, llama.cpp's server) through the openai SDK.
 
-Concurrency is bounded per engine; retries follow ``bpo.engines.retry`` (the SDK's own retries are off so
-that one policy governs every call); token usage comes from each response.
+Concurrency is bounded per engine; an optional rate limiter paces every attempt, retries included; retries
+follow ``bpo.engines.retry`` (the SDK's own retries are off so that one policy governs every call); token usage
+comes from each response.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import openai
 
 from bpo.engines.base import Completion, EngineClient, FinishReason, GenerationRequest, ModelIdentity
+from bpo.engines.ratelimit import RateLimiter
 from bpo.engines.retry import RetryDecision, RetryPolicy, call_with_retry
 from bpo.errors import EngineOverloadedError, EngineUnavailableError, InvalidPromptError
 
@@ -65,6 +67,7 @@ class OpenAICompatEngine(EngineClient):
         max_concurrency: int,
         retry_policy: RetryPolicy,
         extra_body: dict[str, Any] | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(identity, context_length)
         self._client = client
@@ -72,6 +75,7 @@ class OpenAICompatEngine(EngineClient):
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._retry_policy = retry_policy
         self._extra_body = extra_body or {}
+        self._rate_limiter = rate_limiter
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         # No tokenizer is at hand for a remote model: estimate high (about 3 bytes a token, plus per-message
@@ -117,11 +121,17 @@ class OpenAICompatEngine(EngineClient):
             latency_s=time.perf_counter() - started,
         )
 
+    async def _attempt(self, request: GenerationRequest) -> Completion:
+        # Every attempt is a request the provider counts against its limit, a retry as much as the first.
+        if self._rate_limiter is not None:
+            await self._rate_limiter.acquire()
+        return await self._call(request)
+
     async def _bounded(self, request: GenerationRequest) -> Completion:
         async with self._semaphore:
             try:
                 return await call_with_retry(
-                    lambda: self._call(request),
+                    lambda: self._attempt(request),
                     self._retry_policy,
                     classify_openai_error,
                     describe=f"{self.engine_name} {self._served_model}",

@@ -1,0 +1,241 @@
+"""``bpo submit`` and ``bpo jobs ...``: talk to the Jobs service over gRPC."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from google.protobuf import json_format
+from tqdm import tqdm
+
+from bpo.corpus.formats import CorpusError, builtin_dataset_path, read_corpus
+from bpo.errors import BpoError, InvalidConfigurationError, error_for_status
+from bpo.messages import STAGE_NAMES, STAGE_VALUES
+from bpo.settings import BpoSettings
+from bpo.stack.supervisor import StackState
+from bpo.v1 import bpo_pb2 as pb
+from bpo.v1 import bpo_pb2_grpc as pb_grpc
+
+app = typer.Typer(help="Watch, cancel, report on and export jobs.", no_args_is_help=True)
+
+
+def jobs_address(settings: BpoSettings) -> str:
+    state = StackState.load(settings)
+    if state is not None and "jobs" in state.addresses:
+        return state.addresses["jobs"]
+    return f"{settings.platform.host}:{settings.platform.jobs_port}"
+
+
+def jobs_stub(settings: BpoSettings) -> pb_grpc.JobsServiceStub:
+    return pb_grpc.JobsServiceStub(grpc.insecure_channel(jobs_address(settings)))
+
+
+def _rpc_error(exc: grpc.RpcError) -> BpoError:
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code == "UNAVAILABLE":
+        details = f"{details} (is the platform up? `bpo up`)"
+    return error_for_status(code, details)
+
+
+def _endpoint(
+    engine: str | None, model: str | None, url: str | None, key_env: str | None, tokens: int
+) -> pb.ModelEndpoint:
+    return pb.ModelEndpoint(
+        engine=engine or "", model=model or "", base_url=url or "", api_key_env=key_env or "", max_new_tokens=tokens
+    )
+
+
+def submit(
+    path: Annotated[Path | None, typer.Argument(help="Corpus: JSONL, JSON or CSV.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="A shipped test set instead of a file.")] = None,
+    field: Annotated[str | None, typer.Option(help="The prompt field.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N records.")] = None,
+    name: Annotated[str, typer.Option(help="A name for the job.")] = "",
+    optimizer_model: Annotated[str | None, typer.Option(help="Optimizer model (default: the platform's).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Iterative rewriting rounds.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Makes the optimizer's sampling reproducible.")] = None,
+    target_engine: Annotated[str | None, typer.Option(help="Target engine (openai for an endpoint).")] = None,
+    target_model: Annotated[str | None, typer.Option(help="Target model.")] = None,
+    target_url: Annotated[str | None, typer.Option(help="Target OpenAI-compatible base URL.")] = None,
+    target_key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    target_max_tokens: Annotated[int, typer.Option(help="Max new tokens of each answer.")] = 0,
+    judge_engine: Annotated[str | None, typer.Option(help="Judge engine.")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Judge model.")] = None,
+    judge_url: Annotated[str | None, typer.Option(help="Judge OpenAI-compatible base URL.")] = None,
+    judge_key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    judge_max_tokens: Annotated[int, typer.Option(help="Max new tokens of each judgement.")] = 0,
+    stages: Annotated[str, typer.Option(help="Comma-separated: rewrite,generate,judge (a prefix of them).")] = (
+        "rewrite,generate,judge"
+    ),
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress per stage until the job is done.")] = False,
+) -> None:
+    """Submit a corpus as a job; prints the job id."""
+    settings = BpoSettings()
+    if (path is None) == (dataset is None):
+        raise InvalidConfigurationError("give a FILE or --dataset NAME")
+    corpus = path if path is not None else builtin_dataset_path(dataset or "")
+    wanted = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGE_VALUES]
+    if unknown:
+        raise InvalidConfigurationError(f"unknown stages {unknown}; choose from rewrite, generate, judge")
+    params = pb.OptimizeParams(rounds=rounds)
+    if seed is not None:
+        params.seed = seed
+    spec = pb.JobSpec(
+        name=name or corpus.name,
+        optimizer_model=optimizer_model or "",
+        params=params,
+        target=_endpoint(target_engine, target_model, target_url, target_key_env, target_max_tokens),
+        judge=_endpoint(judge_engine, judge_model, judge_url, judge_key_env, judge_max_tokens),
+        stages=[STAGE_VALUES[s] for s in wanted],
+    )
+
+    def requests() -> Iterator[pb.SubmitJobRequest]:
+        yield pb.SubmitJobRequest(spec=spec)
+        for entry in islice(read_corpus(corpus, field), limit):
+            if isinstance(entry, CorpusError):
+                typer.secho(f"line {entry.line}: {entry.reason}", fg=typer.colors.YELLOW, err=True)
+                yield pb.SubmitJobRequest(rejected=pb.RejectedLine(line=entry.line, reason=entry.reason))
+            else:
+                yield pb.SubmitJobRequest(
+                    item=pb.PromptItem(
+                        source_id=entry.id, prompt=entry.prompt, context=entry.context or "",
+                        category=entry.category or "", line=entry.line,
+                    )
+                )  # fmt: skip
+
+    stub = jobs_stub(settings)
+    try:
+        reply = stub.SubmitJob(requests())
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    typer.echo(reply.job_id)
+    typer.secho(f"accepted {reply.accepted}, rejected {reply.rejected}, duplicates {reply.duplicates}", err=True)
+    if wait:
+        _watch(stub, reply.job_id)
+        _print_report(stub, reply.job_id, as_json=False)
+
+
+def _watch(stub: pb_grpc.JobsServiceStub, job_id: str) -> pb.JobProgress:
+    bars: dict[int, tqdm[Any]] = {}
+    last = pb.JobProgress()
+    try:
+        for update in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+            last = update.progress
+            for position, stage in enumerate(last.stages):
+                if stage.stage not in bars:
+                    bars[stage.stage] = tqdm(total=stage.total, desc=f"{STAGE_NAMES[stage.stage]:>8}", unit="item",
+                               position=position, file=sys.stderr, leave=True)  # fmt: skip
+                bar = bars[stage.stage]
+                bar.total = stage.total
+                bar.n = stage.done + stage.failed
+                bar.set_postfix(failed=stage.failed)
+                bar.refresh()
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+    typer.secho(f"job {job_id}: {pb.JobState.Name(last.state)}", err=True)
+    return last
+
+
+@app.command("watch")
+def watch(job_id: str) -> None:
+    """Progress bars per stage until the job finishes."""
+    _watch(jobs_stub(BpoSettings()), job_id)
+
+
+@app.command("get")
+def get(job_id: str) -> None:
+    """The job's spec, state and progress as JSON."""
+    try:
+        job = jobs_stub(BpoSettings()).GetJob(pb.GetJobRequest(job_id=job_id)).job
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    typer.echo(json_format.MessageToJson(job, preserving_proto_field_name=True))
+
+
+@app.command("cancel")
+def cancel(job_id: str) -> None:
+    """Cancel a running job: unfinished items are skipped; finished results stay."""
+    try:
+        job = jobs_stub(BpoSettings()).CancelJob(pb.CancelJobRequest(job_id=job_id)).job
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    typer.echo(f"job {job_id}: {pb.JobState.Name(job.state)}")
+
+
+def _print_report(stub: pb_grpc.JobsServiceStub, job_id: str, *, as_json: bool) -> None:
+    try:
+        report = stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)).report
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    if as_json:
+        typer.echo(
+            json_format.MessageToJson(
+                report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+        )
+        return
+    typer.echo(render_report(report))
+
+
+def render_report(report: pb.JobReport) -> str:
+    job = report.job
+    lines = [
+        f"job {job.job_id} ({job.spec.name}): {pb.JobState.Name(job.state).removeprefix('JOB_STATE_').lower()}",
+        f"items {report.items}: rewritten {report.rewritten} (kept original {report.kept_original}, "
+        f"cache hits {report.cache_hits}), judged {report.judged}, failed {report.failed}",
+    ]
+    if report.judged:
+        lines.append(
+            f"optimized vs original: win {report.win_rate:.1%}  tie {report.tie_rate:.1%}  "
+            f"lose {report.lose_rate:.1%}  ΔWR {report.delta_wr:+.1%}  "
+            f"(judge position consistency {report.position_consistency:.0%})"
+        )
+        lines.append(f"{'category':<20} {'judged':>6} {'win':>4} {'tie':>4} {'lose':>4} {'ΔWR':>7}")
+        for cat in report.categories:
+            lines.append(
+                f"{cat.category or '-':<20} {cat.judged:>6} {cat.wins:>4} {cat.ties:>4} {cat.losses:>4} "
+                f"{cat.delta_wr:>+7.1%}"
+            )
+    lines.append("tokens: " + ", ".join(f"{t.role} {t.tokens_in} in / {t.tokens_out} out" for t in report.tokens))
+    for failure in report.failures[:20]:
+        lines.append(f"  failed line {failure.line} [{STAGE_NAMES.get(failure.stage, 'submit')}]: {failure.reason}")
+    if len(report.failures) > 20:
+        lines.append(f"  ... {len(report.failures) - 20} more failures (--json lists all)")
+    return "\n".join(lines)
+
+
+@app.command("report")
+def report(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Counts, win / tie / lose, ΔWR per category, tokens, failures with reasons."""
+    _print_report(jobs_stub(BpoSettings()), job_id, as_json=as_json)
+
+
+@app.command("export")
+def export(
+    job_id: str,
+    out: Annotated[Path | None, typer.Option(help="Write JSONL here instead of standard output.")] = None,
+) -> None:
+    """Every item of the job with everything each stage produced, as JSONL."""
+    stub = jobs_stub(BpoSettings())
+    handle = out.open("w", encoding="utf-8") if out is not None else sys.stdout
+    try:
+        for chunk in stub.ExportJob(pb.ExportJobRequest(job_id=job_id)):
+            handle.write(chunk.item_json + "\n")
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        if out is not None:
+            handle.close()
+    if out is not None:
+        typer.echo(json.dumps({"output": str(out)}))

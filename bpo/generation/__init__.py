@@ -1,0 +1,1 @@
+"""The target model's answers to the original and the optimized prompt."""

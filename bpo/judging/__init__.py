@@ -1,0 +1,1 @@
+"""Pairwise judging of the target model's answers to the original and the optimized prompt."""

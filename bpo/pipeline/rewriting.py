@@ -1,0 +1,117 @@
+"""Rewriting through the optimizer workers with the rewrite cache in front of them.
+
+The cache key is (prompt and context hash, optimizer model version, sampling parameters): a corpus with repeats
+costs one model call per distinct prompt, and a job re-run after a crash repays nothing already rewritten.
+The gRPC Optimizer service and the Kafka rewrite stage share this one path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bpo.messages import from_json, params_hash, prompt_hash, rewrite_from_result, to_json
+from bpo.metrics import PlatformMetrics
+from bpo.models.catalogue import ModelCatalogue
+from bpo.models.prepare import ModelPreparer
+from bpo.optimizer.optimizer import OptimizeParams, PromptInput, RewriteFailure, RewriteResult
+from bpo.store.repository import PipelineStore
+from bpo.v1 import bpo_pb2 as pb
+
+
+class OptimizerBackend(Protocol):
+    async def optimize_batch(
+        self, model: str, params: OptimizeParams, inputs: Sequence[PromptInput]
+    ) -> list[RewriteResult | RewriteFailure]: ...
+
+
+class ModelVersions:
+    """The version a model name stands for now, without loading it (packaged weights carry a pinned hash)."""
+
+    def __init__(self, catalogue: ModelCatalogue, preparer: ModelPreparer, store: PipelineStore) -> None:
+        self._catalogue = catalogue
+        self._preparer = preparer
+        self._store = store
+        self._fixed: dict[str, str] = {}
+
+    def version_of(self, model: str) -> str:
+        alias = self._store.resolve_alias(model)
+        if alias is not None:
+            return f"{alias[0]}@{alias[1]}"
+        if model not in self._fixed:
+            spec = self._catalogue.resolve(model)
+            self._fixed[model] = self._preparer.identity(spec).version
+        return self._fixed[model]
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteOutcome:
+    rewrite: pb.Rewrite | None
+    failure: RewriteFailure | None
+
+
+class CachedRewriter:
+    def __init__(
+        self,
+        store: PipelineStore,
+        backend: OptimizerBackend,
+        versions: ModelVersions,
+        metrics: PlatformMetrics,
+    ) -> None:
+        self._store = store
+        self._backend = backend
+        self._versions = versions
+        self._metrics = metrics
+
+    async def rewrite(self, items: Sequence[pb.PromptItem], model: str, params: OptimizeParams) -> list[RewriteOutcome]:
+        version = await asyncio.to_thread(self._versions.version_of, model)
+        p_hash = params_hash(params)
+        outcomes: list[RewriteOutcome | None] = [None] * len(items)
+        misses: list[int] = []
+        for index, item in enumerate(items):
+            key = prompt_hash(item.prompt, item.context or None)
+            cached = await asyncio.to_thread(self._store.cached_rewrite, key, version, p_hash)
+            if cached is None:
+                misses.append(index)
+                self._metrics.cache_lookups.labels("miss").inc()
+                continue
+            self._metrics.cache_lookups.labels("hit").inc()
+            rewrite = from_json(cached, pb.Rewrite)
+            rewrite.item.CopyFrom(item)
+            rewrite.cache_hit = True
+            # A hit costs no model call: its tokens were paid by the item that filled the cache.
+            rewrite.tokens_in = 0
+            rewrite.tokens_out = 0
+            outcomes[index] = RewriteOutcome(rewrite, None)
+        if misses:
+            # Repeats inside one batch are rewritten once too: the first of each distinct prompt is sent.
+            first_of: dict[str, int] = {}
+            for index in misses:
+                first_of.setdefault(prompt_hash(items[index].prompt, items[index].context or None), index)
+            unique = list(first_of.values())
+            inputs = [PromptInput(items[i].prompt, items[i].context or None) for i in unique]
+            results = dict(zip(unique, await self._backend.optimize_batch(model, params, inputs), strict=True))
+            for index in misses:
+                item = items[index]
+                key = prompt_hash(item.prompt, item.context or None)
+                source = first_of[key]
+                result = results[source]
+                if isinstance(result, RewriteFailure):
+                    outcomes[index] = RewriteOutcome(None, result)
+                    continue
+                rewrite = rewrite_from_result(item, result, cache_hit=source != index)
+                if source != index:
+                    rewrite.tokens_in = 0
+                    rewrite.tokens_out = 0
+                    outcomes[index] = RewriteOutcome(rewrite, None)
+                    continue
+                cacheable = pb.Rewrite()
+                cacheable.CopyFrom(rewrite)
+                cacheable.ClearField("item")
+                await asyncio.to_thread(self._store.cache_rewrite, key, version, p_hash, to_json(cacheable))
+                self._metrics.tokens.labels("optimizer", "in").inc(result.tokens_in)
+                self._metrics.tokens.labels("optimizer", "out").inc(result.tokens_out)
+                outcomes[index] = RewriteOutcome(rewrite, None)
+        return [o for o in outcomes if o is not None]

@@ -1,0 +1,45 @@
+"""The rewriter process: OptimizerService over gRPC and the rewrite stage on the prompts topic, both sending
+their batches to the Celery optimizer workers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from bpo.models.catalogue import ModelCatalogue
+from bpo.models.prepare import ModelPreparer
+from bpo.optimizer.optimizer import OptimizeParams
+from bpo.pipeline.rewriting import CachedRewriter, ModelVersions
+from bpo.pipeline.runtime import Runtime, ServiceParts, run_service
+from bpo.settings import BpoSettings
+from bpo.v1 import bpo_pb2
+from bpo.v1 import bpo_pb2_grpc as pb_grpc
+from services.optimizer_worker.app import make_celery_app
+from services.optimizer_worker.client import OptimizerWorkersClient
+from services.optimizer_worker.settings import WorkerSettings
+from services.rewriter.servicer import OptimizerServicer
+from services.rewriter.stage import RewriteStage
+
+SERVICE = bpo_pb2.DESCRIPTOR.services_by_name["OptimizerService"].full_name
+
+
+async def build(runtime: Runtime) -> ServiceParts:
+    settings = runtime.settings
+    worker_settings = WorkerSettings.for_platform(settings)
+    client = OptimizerWorkersClient(make_celery_app(worker_settings), timeout_s=settings.platform.worker_timeout_s)
+    versions = ModelVersions(ModelCatalogue(), ModelPreparer(settings.models_dir, install_missing=None), runtime.store)
+    rewriter = CachedRewriter(runtime.store, client, versions, runtime.metrics)
+    opt = settings.optimizer
+    defaults = OptimizeParams(opt.temperature, opt.top_p, opt.max_new_tokens, opt.seed, opt.rounds)
+    servicer = OptimizerServicer(rewriter, settings.platform.optimizer_model, defaults, batch_size=opt.batch_size)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_OptimizerServiceServicer_to_server(servicer, server)
+
+    return ServiceParts(register, [SERVICE], RewriteStage(runtime.stage_context(), rewriter))
+
+
+def main(settings: BpoSettings) -> None:
+    port = settings.platform.optimizer_port
+    asyncio.run(run_service("rewriter", settings, port, settings.platform.metrics_port_base + 1, build))

@@ -1,0 +1,293 @@
+"""The whole platform with every part real: Postgres, the Kafka-compatible broker, Redis and Celery workers,
+gRPC on loopback, and packaged model weights generating real text (SmolLM2 everywhere, to keep it fast).
+
+One platform (``bpo up``) serves every test here; each test submits its own job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from bpo.engines.llamacpp_server import free_port
+from bpo.infra.postgres import postgres_reachable
+from bpo.infra.redis import redis_reachable
+from bpo.v1 import bpo_pb2 as pb
+from bpo.v1 import bpo_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+MODEL = "smollm2-135m-instruct"
+MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+MACHINE_REDIS = "redis://127.0.0.1:6379/13"
+PROMPTS = [
+    "How can I improve my time management skills?",
+    "What are the most effective ways to deal with stress?",
+    "Explain the water cycle.",
+    "Write a haiku about autumn.",
+    "What is the capital of France?",
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Describe a healthy breakfast.",
+    "How do vaccines work?",
+    "Name two benefits of regular exercise.",
+    "What is photosynthesis?",
+    "Suggest a name for a pet cat.",
+    "How do I boil an egg?",
+    "What causes earthquakes?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is 12 times 12?",
+    "List three renewable energy sources.",
+    "How do airplanes stay in the air?",
+    "What does a CPU do?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    """A fresh database on the machine's Postgres when there is one; otherwise the platform embeds its own."""
+    if not postgres_reachable(MACHINE_POSTGRES):
+        yield ""
+        return
+    name = f"bpo_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield MACHINE_POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def stack_env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    state_dir = tmp_path_factory.mktemp("stack")
+    models = Path(os.environ.get("BPO_STATE_DIR", Path.home() / ".cache" / "bpo")) / "models"
+    (state_dir / "models").symlink_to(models)  # reuse prepared weights
+    env = {
+        **os.environ,
+        "BPO_STATE_DIR": str(state_dir),
+        "BPO_PLATFORM__DATABASE_URL": database_url,
+        "BPO_PLATFORM__REDIS_URL": "",
+        "BPO_PLATFORM__KAFKA_BOOTSTRAP": "",
+        "BPO_PLATFORM__TOPIC_PREFIX": f"t{uuid.uuid4().hex[:6]}",
+        "BPO_PLATFORM__JOBS_PORT": str(free_port()),
+        "BPO_PLATFORM__OPTIMIZER_PORT": str(free_port()),
+        "BPO_PLATFORM__GENERATOR_PORT": str(free_port()),
+        "BPO_PLATFORM__JUDGE_PORT": str(free_port()),
+        "BPO_PLATFORM__METRICS_PORT_BASE": str(free_port()),
+        "BPO_PLATFORM__EMBEDDED_POSTGRES_PORT": str(free_port()),
+        "BPO_PLATFORM__EMBEDDED_REDIS_PORT": str(free_port()),
+        "BPO_PLATFORM__EMBEDDED_KAFKA_PORT": str(free_port()),
+        "BPO_PLATFORM__OPTIMIZER_MODEL": MODEL,
+        "BPO_PLATFORM__TARGET_MODEL": MODEL,
+        "BPO_PLATFORM__JUDGE_MODEL": MODEL,
+        "BPO_PLATFORM__STAGE_BATCH_SIZE": "4",
+        "BPO_OPTIMIZER__MAX_NEW_TOKENS": "96",
+        "BPO_OPTIMIZER__BATCH_SIZE": "4",
+        "BPO_ENGINE__THREADS": "1",
+        # Short enough that a killed worker's task comes back within the test; longer than any task here.
+        "BPO_WORKER_VISIBILITY_TIMEOUT_S": "60",
+        "BPO_WORKER_TASK_TIME_LIMIT_S": "25",
+        "BPO_WORKER_RETRY_BACKOFF_MAX_S": "5",
+        "BPO_WORKER_UNACKED_RESTORE_INTERVAL_S": "5",
+    }
+    if redis_reachable(MACHINE_REDIS):
+        env["BPO_PLATFORM__REDIS_URL"] = MACHINE_REDIS
+        import redis
+
+        redis.Redis.from_url(MACHINE_REDIS).flushdb()
+    return env
+
+
+def bpo(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bpo.cli.main", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(stack_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    started = bpo(stack_env, "up")
+    assert started.returncode == 0, started.stdout + started.stderr + _logs(stack_env)
+    try:
+        yield stack_env
+    finally:
+        stopped = bpo(stack_env, "down")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def _logs(env: dict[str, str]) -> str:
+    folder = Path(env["BPO_STATE_DIR"]) / "stack" / "logs"
+    if not folder.exists():
+        return ""
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(folder.glob("*.log")))
+
+
+def state(env: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((Path(env["BPO_STATE_DIR"]) / "stack" / "state.json").read_text())
+    return data
+
+
+def jobs(env: dict[str, str]) -> pb_grpc.JobsServiceStub:
+    return pb_grpc.JobsServiceStub(grpc.insecure_channel(state(env)["addresses"]["jobs"]))
+
+
+def write_corpus(path: Path, prompts: list[str], *, bad_lines: bool = False) -> Path:
+    lines = [json.dumps({"id": f"p{i}", "prompt": p, "category": "even" if i % 2 == 0 else "odd"})
+             for i, p in enumerate(prompts)]  # fmt: skip
+    if bad_lines:
+        lines.insert(3, "{this is not json")
+        lines.insert(7, json.dumps({"id": "empty", "prompt": "   "}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def submit(env: dict[str, str], corpus: Path, *extra: str) -> str:
+    result = bpo(env, "submit", str(corpus), "--target-max-tokens", "40", "--judge-max-tokens", "48", "--seed", "3",
+                 *extra)  # fmt: skip
+    assert result.returncode == 0, result.stderr + _logs(env)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def wait_done(env: dict[str, str], job_id: str, timeout_s: float = 900) -> pb.Job:
+    deadline = time.monotonic() + timeout_s
+    stub = jobs(env)
+    while time.monotonic() < deadline:
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id)).job
+        if job.state != pb.JOB_STATE_RUNNING:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not done in {timeout_s}s\n{_logs(env)}")
+
+
+def verdict_rows(env: dict[str, str], job_id: str) -> list[dict[str, Any]]:
+    export = bpo(env, "jobs", "export", job_id)
+    assert export.returncode == 0, export.stderr
+    return [json.loads(line) for line in export.stdout.splitlines() if line.strip()]
+
+
+def assert_exactly_once(env: dict[str, str], job_id: str, expected: int) -> list[dict[str, Any]]:
+    rows = verdict_rows(env, job_id)
+    assert len(rows) == expected
+    assert len({r["item_id"] for r in rows}) == expected
+    done = [r for r in rows if r["status"] == "done"]
+    assert len(done) == expected, [r.get("error") for r in rows if r["status"] != "done"]
+    assert all(r["verdict"] and r["winner"] in ("optimized", "original", "tie") for r in done)
+    assert all(r["answers"]["original_answer"] for r in done)
+    return rows
+
+
+def test_servers_have_health_and_reflection(stack: dict[str, str]) -> None:
+    for name, address in state(stack)["addresses"].items():
+        with grpc.insecure_channel(address) as channel:
+            health_stub: Any = health_pb2_grpc.HealthStub(channel)
+            health = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, name
+            reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            services = {s.name for reply in replies for s in reply.list_services_response.service}
+            assert "grpc.health.v1.Health" in services
+
+
+def test_optimize_over_grpc_and_error_codes(stack: dict[str, str]) -> None:
+    address = state(stack)["addresses"]["rewriter"]
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.OptimizerServiceStub(channel)
+        reply = stub.Optimize(pb.OptimizeRequest(prompt="Tell me about the moon."), timeout=300)
+        assert reply.rewrite.optimized and reply.rewrite.model == MODEL
+        again = stub.Optimize(pb.OptimizeRequest(prompt="Tell me about the moon."), timeout=60)
+        assert again.rewrite.cache_hit and again.rewrite.optimized == reply.rewrite.optimized
+        with pytest.raises(grpc.RpcError) as empty:
+            stub.Optimize(pb.OptimizeRequest(prompt="  "), timeout=30)
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "empty" in (empty.value.details() or "")
+        batch = list(stub.OptimizeBatch(iter([pb.OptimizeBatchRequest(request_id=str(i), prompt=p)
+                                              for i, p in enumerate([*PROMPTS[:3], "  "])]), timeout=300))  # fmt: skip
+        assert sorted(r.request_id for r in batch) == ["0", "1", "2", "3"]
+        assert [r.error_code for r in batch if r.request_id == "3"] == ["INVALID_ARGUMENT"]
+    with grpc.insecure_channel(state(stack)["addresses"]["jobs"]) as channel:
+        with pytest.raises(grpc.RpcError) as missing:
+            pb_grpc.JobsServiceStub(channel).GetJob(pb.GetJobRequest(job_id=str(uuid.uuid4())), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_twenty_prompts_through_every_stage(stack: dict[str, str], tmp_path: Path) -> None:
+    job_id = submit(stack, write_corpus(tmp_path / "c.jsonl", PROMPTS, bad_lines=True))
+    job = wait_done(stack, job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED
+    rows = verdict_rows(stack, job_id)
+    good = [r for r in rows if r["status"] == "done"]
+    assert len(good) == 20 and len({r["item_id"] for r in good}) == 20
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["source_id"] for r in failed] == ["empty"] and "empty" in failed[0]["error"]
+    report_run = bpo(stack, "jobs", "report", job_id, "--json")
+    assert report_run.returncode == 0, report_run.stderr
+    report = json.loads(report_run.stdout)
+    assert int(report["judged"]) == 20
+    assert int(report["wins"]) + int(report["ties"]) + int(report["losses"]) == 20
+    assert {c["category"] for c in report["categories"]} == {"even", "odd"}
+    reasons = {f["reason"] for f in report["failures"]}
+    assert any("invalid JSON" in r for r in reasons) and any("empty" in r for r in reasons)
+    assert {t["role"] for t in report["tokens"]} == {"rewrite", "target", "judge"}
+    text = bpo(stack, "jobs", "report", job_id)
+    assert "ΔWR" in text.stdout
+
+
+def _kill_when_busy(env: dict[str, str], process_name: str, job_id: str, stage_column: str, at_least: int) -> None:
+    """SIGKILL one platform process (its whole group) once the job is under way in the stage before it."""
+    deadline = time.monotonic() + 600
+    stub = jobs(env)
+    while time.monotonic() < deadline:
+        progress = stub.GetJob(pb.GetJobRequest(job_id=job_id)).job.progress
+        done = {pb.Stage.Name(s.stage): s.done for s in progress.stages}
+        if done.get(stage_column, 0) >= at_least:
+            break
+        time.sleep(0.3)
+    pid = state(env)["pids"][process_name]
+    os.killpg(pid, signal.SIGKILL)
+
+
+def test_killed_celery_worker_loses_and_duplicates_nothing(stack: dict[str, str], tmp_path: Path) -> None:
+    prompts = [f"{p} (variant {i})" for i, p in enumerate(PROMPTS)]
+    job_id = submit(stack, write_corpus(tmp_path / "c.jsonl", prompts))
+    _kill_when_busy(stack, "worker-0", job_id, "STAGE_REWRITE", 2)
+    assert wait_done(stack, job_id).state == pb.JOB_STATE_SUCCEEDED
+    assert_exactly_once(stack, job_id, 20)
+    assert state(stack)["restarts"].get("worker-0", 0) >= 1
+
+
+def test_killed_stage_consumer_loses_and_duplicates_nothing(stack: dict[str, str], tmp_path: Path) -> None:
+    prompts = [f"{p} Please answer briefly ({i})." for i, p in enumerate(PROMPTS)]
+    job_id = submit(stack, write_corpus(tmp_path / "c.jsonl", prompts))
+    _kill_when_busy(stack, "generator", job_id, "STAGE_GENERATE", 3)
+    assert wait_done(stack, job_id).state == pb.JOB_STATE_SUCCEEDED
+    assert_exactly_once(stack, job_id, 20)
+    assert state(stack)["restarts"].get("generator", 0) >= 1
+
+
+def test_job_survives_down_and_up(stack: dict[str, str], tmp_path: Path) -> None:
+    prompts = [f"In one sentence: {p}" for p in PROMPTS[:8]]
+    job_id = submit(stack, write_corpus(tmp_path / "c.jsonl", prompts), "--stages", "rewrite,generate")
+    down = bpo(stack, "down")
+    assert down.returncode == 0, down.stderr
+    up = bpo(stack, "up")
+    assert up.returncode == 0, up.stderr + _logs(stack)
+    job = wait_done(stack, job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED
+    rows = verdict_rows(stack, job_id)
+    assert len(rows) == 8 and all(r["status"] == "done" and r["answers"] and not r["verdict"] for r in rows)
