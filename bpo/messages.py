@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
@@ -37,12 +38,22 @@ def from_json(data: dict[str, Any], message_type: type[M]) -> M:
     return json_format.ParseDict(data, message_type(), ignore_unknown_fields=True)
 
 
+def _from_float32(value: float) -> float:
+    """The shortest decimal that a proto ``float`` (32 bits) stands for: 0.6 is read back as 0.6000000238418579,
+    which would make an explicit 0.6 other parameters (another rewrite-cache key) than the default 0.6."""
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", candidate))[0] == value:
+            return candidate
+    return value
+
+
 def params_from_proto(params: pb.OptimizeParams, defaults: OptimizeParams | None = None) -> OptimizeParams:
     """Zero values in the proto mean "the default" (proto3 has no presence for scalars but ``seed``)."""
     base = defaults or OptimizeParams()
     return OptimizeParams(
-        temperature=params.temperature if params.temperature > 0 else base.temperature,
-        top_p=params.top_p if params.top_p > 0 else base.top_p,
+        temperature=_from_float32(params.temperature) if params.temperature > 0 else base.temperature,
+        top_p=_from_float32(params.top_p) if params.top_p > 0 else base.top_p,
         max_new_tokens=params.max_new_tokens or base.max_new_tokens,
         seed=params.seed if params.HasField("seed") else base.seed,
         rounds=params.rounds or base.rounds,

@@ -45,10 +45,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from bpo.optimizer.optimizer import OptimizeParams
 
 EngineName = Literal["llamacpp", "vllm", "openai", "transformers"]
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -107,6 +110,11 @@ class OptimizerSettings(BaseModel):
     seed: int | None = None
     batch_size: int = Field(default=8, ge=1)
 
+    def params(self) -> OptimizeParams:
+        from bpo.optimizer.optimizer import OptimizeParams
+
+        return OptimizeParams(self.temperature, self.top_p, self.max_new_tokens, self.seed, self.rounds)
+
 
 class PlatformSettings(BaseModel):
     database_url: str = ""
@@ -121,7 +129,9 @@ class PlatformSettings(BaseModel):
     metrics_port_base: int = 9400
     optimizer_model: str = DEFAULT_MODEL
     target_engine: EngineName = "llamacpp"
-    target_model: str = DEFAULT_MODEL
+    # Embedded defaults for one CPU machine: a fast small target, and the stronger packaged model as judge.
+    # Real deployments point both at OpenAI-compatible endpoints (per job, or here).
+    target_model: str = "smollm2-135m-instruct"
     judge_engine: EngineName = "llamacpp"
     judge_model: str = DEFAULT_MODEL
     stage_batch_size: int = Field(default=8, ge=1)

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from bpo.cli import jobs_cmd, models_cmd, optimize_cmd, stack_cmd
+from bpo.cli import jobs_cmd, models_cmd, optimize_cmd, stack_cmd, train_cmd
 from bpo.errors import BpoError
 
 app = typer.Typer(
@@ -18,7 +18,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("optimize")(optimize_cmd.optimize)
+models_cmd.app.command("register")(train_cmd.register)
+models_cmd.app.command("alias")(train_cmd.set_alias)
 app.add_typer(models_cmd.app, name="models")
+app.command("train")(train_cmd.train)
 app.command("up")(stack_cmd.up)
 app.command("status")(stack_cmd.status)
 app.command("down")(stack_cmd.down)

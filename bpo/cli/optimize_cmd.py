@@ -28,7 +28,7 @@ from bpo.engines.factory import open_engine, resolve_spec
 from bpo.errors import InvalidConfigurationError
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
-from bpo.optimizer.optimizer import OptimizeParams, PromptInput, PromptOptimizer, RewriteResult
+from bpo.optimizer.optimizer import PromptInput, PromptOptimizer, RewriteResult
 from bpo.settings import BpoSettings, EngineName
 
 
@@ -120,8 +120,7 @@ async def _run(
     catalogue = ModelCatalogue()
     preparer = ModelPreparer(settings.models_dir)
     spec = resolve_spec(settings.engine, catalogue)
-    opt = settings.optimizer
-    params = OptimizeParams(opt.temperature, opt.top_p, opt.max_new_tokens, opt.seed, opt.rounds)
+    params = settings.optimizer.params()
     async with open_engine(settings.engine, catalogue, preparer) as engine_client:
         optimizer = PromptOptimizer(engine_client, spec.prompt_style, params)
         if text is not None:

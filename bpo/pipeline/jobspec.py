@@ -68,14 +68,16 @@ def endpoint_key(endpoint: pb.ModelEndpoint, default_engine: str, default_model:
     )
 
 
-def resolve(job: JobRow, platform: PlatformSettings) -> ResolvedJob:
+def resolve(job: JobRow, platform: PlatformSettings, defaults: OptimizeParams | None = None) -> ResolvedJob:
+    """``defaults`` are the deployment's optimizer settings: a job that names no parameter gets them, exactly
+    as a synchronous Optimize call does, so both share rewrite-cache entries."""
     spec = from_json(job.spec, pb.JobSpec)
     return ResolvedJob(
         job_id=job.job_id,
         state=job.state,
         stages=job.stages,
         optimizer_model=spec.optimizer_model or platform.optimizer_model,
-        params=params_from_proto(spec.params),
+        params=params_from_proto(spec.params, defaults),
         target=endpoint_key(spec.target, platform.target_engine, platform.target_model),
         target_max_new_tokens=spec.target.max_new_tokens or DEFAULT_ANSWER_TOKENS,
         judge=endpoint_key(spec.judge, platform.judge_engine, platform.judge_model),
@@ -86,9 +88,17 @@ def resolve(job: JobRow, platform: PlatformSettings) -> ResolvedJob:
 class JobLookup:
     """Stages look a job up for every message; specs never change and states change rarely, so cache briefly."""
 
-    def __init__(self, store: PipelineStore, platform: PlatformSettings, ttl_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: PipelineStore,
+        platform: PlatformSettings,
+        ttl_s: float = 2.0,
+        *,
+        defaults: OptimizeParams | None = None,
+    ) -> None:
         self._store = store
         self._platform = platform
+        self._defaults = defaults
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, ResolvedJob]] = {}
         self._lock = Lock()
@@ -102,7 +112,7 @@ class JobLookup:
         row = self._store.get_job(job_id)
         if row is None:
             raise JobNotFoundError(f"job {job_id} not found")
-        resolved = resolve(row, self._platform)
+        resolved = resolve(row, self._platform, self._defaults)
         with self._lock:
             self._cache[job_id] = (now, resolved)
         return resolved

@@ -74,7 +74,7 @@ class Runtime:
     def stage_context(self) -> StageContext:
         return StageContext(
             store=self.store,
-            jobs=JobLookup(self.store, self.settings.platform),
+            jobs=JobLookup(self.store, self.settings.platform, defaults=self.settings.optimizer.params()),
             publish=self.publish,
             topic=self.topic,
             metrics=self.metrics,
@@ -87,6 +87,29 @@ class ServiceParts:
     register: Callable[[grpc.aio.Server], None]
     service_names: Sequence[str]
     stage: Stage[Any] | None = None
+    # Gauges read from outside the process's own work (queue depths): refreshed every few seconds.
+    gauges: list[Callable[[], None]] = field(default_factory=list)
+
+
+GAUGE_INTERVAL_S = 5.0
+
+
+async def refresh_gauges(gauges: Sequence[Callable[[], None]]) -> None:
+    while True:
+        for refresh in gauges:
+            try:
+                await asyncio.to_thread(refresh)
+            except Exception as exc:  # a metric must never take the service down
+                log.debug("gauge refresh failed: %s", exc)
+        await asyncio.sleep(GAUGE_INTERVAL_S)
+
+
+def lag_gauge(stage: str, loop: StageLoop, metrics: PlatformMetrics) -> Callable[[], None]:
+    def refresh() -> None:
+        for (_, partition), lag in loop.consumer_lag().items():
+            metrics.consumer_lag.labels(stage, str(partition)).set(lag)
+
+    return refresh
 
 
 async def run_service(
@@ -136,6 +159,8 @@ async def run_service(
             )
             thread = threading.Thread(target=stage_loop.run, name=f"{stage.name}-loop", daemon=True)
             thread.start()
+            parts.gauges.append(lag_gauge(stage.name, stage_loop, metrics))
+        gauge_task = asyncio.create_task(refresh_gauges(parts.gauges))
         if on_ready is not None:
             await on_ready(runtime)
         try:
@@ -147,6 +172,7 @@ async def run_service(
                 metrics=metrics,
             )
         finally:
+            gauge_task.cancel()
             if stage_loop is not None and thread is not None:
                 stage_loop.stop()
                 await asyncio.to_thread(thread.join, 30)

@@ -133,6 +133,17 @@ class Stage(abc.ABC, Generic[M]):
             return None
         return Work(message, payload, item.item_id, job)
 
+    def write_once_and_forward(self, work: Work[M], output: Message, write: Callable[[], bool]) -> None:
+        """Write this stage's output (once per item) and forward it; if another delivery wrote first, what
+        is stored is the result, and that is what goes on."""
+        if write():
+            self.forward(work.job, work.item_id, output)
+            return
+        row = self.ctx.store.get_item(work.item_id)
+        stored = self.stored_output(row, work.payload) if row is not None else None
+        if stored is not None:
+            self.forward(work.job, work.item_id, stored)
+
     def forward(self, job: ResolvedJob, item_id: str, output: Message) -> None:
         self.ctx.publish(self.ctx.topic(OUTPUT_TOPIC[self.name]), item_id, output.SerializeToString())
         if job.is_last(self.name):

@@ -155,14 +155,28 @@ class PipelineStore:
             )
 
     def get_item(self, item_id: str) -> dict[str, Any] | None:
+        if not _is_uuid(item_id):
+            return None
         with self._pool.connection() as conn:
             row = conn.execute("SELECT * FROM items WHERE item_id = %s", (item_id,)).fetchone()
         return dict(row) if row is not None else None
 
+    def items_page(self, job_id: str, after: tuple[int, str] | None, limit: int = 500) -> list[dict[str, Any]]:
+        """One page of a job's items in corpus order; pass the last row's (line, source_id) for the next."""
+        line, source_id = after if after is not None else (-(2**31), "")
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM items WHERE job_id = %s AND (line, source_id) > (%s, %s)"
+                " ORDER BY line, source_id LIMIT %s",
+                (job_id, line, source_id, limit),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
     def items_of(self, job_id: str) -> Iterator[dict[str, Any]]:
-        with self._pool.connection() as conn, conn.cursor(name="export") as cur:
-            cur.execute("SELECT * FROM items WHERE job_id = %s ORDER BY line, source_id", (job_id,))
-            yield from (dict(row) for row in cur)
+        after: tuple[int, str] | None = None
+        while page := self.items_page(job_id, after):
+            yield from page
+            after = (page[-1]["line"], page[-1]["source_id"])
 
     def _record(self, item_id: str, stage: str, sets: str, values: tuple[Any, ...], final: bool) -> bool:
         column = {"rewrite": "rewrite", "generate": "answers", "judge": "verdict"}[stage]
@@ -218,6 +232,8 @@ class PipelineStore:
         )
 
     def mark_failed(self, item_id: str, stage: str, reason: str) -> bool:
+        if not _is_uuid(item_id):
+            return False
         with self._pool.connection() as conn:
             return (
                 conn.execute(

@@ -62,14 +62,14 @@ class GenerateStage(Stage[pb.Rewrite]):
         return []
 
     def _store_and_forward(self, w: Work[pb.Rewrite], pair: pb.AnswerPair) -> None:
-        written = self.ctx.store.record_answers(
-            w.item_id, to_json(pair), tokens_in=pair.tokens_in, tokens_out=pair.tokens_out,
-            final=w.job.is_last(self.name),
-        )  # fmt: skip
-        if written:
-            self.forward(w.job, w.item_id, pair)
-            return
-        row = self.ctx.store.get_item(w.item_id)
-        stored = self.stored_output(row, w.payload) if row is not None else None
-        if stored is not None:
-            self.forward(w.job, w.item_id, stored)
+        self.write_once_and_forward(
+            w,
+            pair,
+            lambda: self.ctx.store.record_answers(
+                w.item_id,
+                to_json(pair),
+                tokens_in=pair.tokens_in,
+                tokens_out=pair.tokens_out,
+                final=w.job.is_last(self.name),
+            ),
+        )

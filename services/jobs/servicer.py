@@ -91,6 +91,13 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
                     self._store.add_rejected, job_id, request.rejected.line, request.rejected.reason
                 )
             elif kind == "item":
+                if not request.item.prompt.strip():
+                    # Recorded as a failed line with its reason; the rest of the corpus goes on.
+                    rejected += 1
+                    await asyncio.to_thread(
+                        self._store.add_rejected, job_id, request.item.line, "prompt is empty or only whitespace"
+                    )
+                    continue
                 chunk.append(request.item)
                 if len(chunk) >= SUBMIT_CHUNK:
                     inserted, dup = await asyncio.to_thread(self._add_and_publish, job_id, chunk)
@@ -175,9 +182,12 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
         self, request: pb.ExportJobRequest, context: ServicerContext
     ) -> AsyncIterator[pb.ExportJobResponse]:
         await asyncio.to_thread(self._job_row, request.job_id)
-        rows = await asyncio.to_thread(lambda: list(self._store.items_of(request.job_id)))
-        for row in rows:
-            yield pb.ExportJobResponse(item_json=json.dumps(export_item(row), ensure_ascii=False))
+        # Page by page, so a job of millions of items streams in bounded memory.
+        after: tuple[int, str] | None = None
+        while page := await asyncio.to_thread(self._store.items_page, request.job_id, after):
+            for row in page:
+                yield pb.ExportJobResponse(item_json=json.dumps(export_item(row), ensure_ascii=False))
+            after = (page[-1]["line"], page[-1]["source_id"])
 
 
 def export_item(row: dict[str, Any]) -> dict[str, Any]:

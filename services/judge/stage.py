@@ -9,7 +9,7 @@ from google.protobuf.message import Message
 
 from bpo.engines.registry import EndpointKey, EngineRegistry
 from bpo.judging.pairwise import JudgeInput, PairVerdict, PairwiseJudge
-from bpo.messages import WINNER_VALUES, from_json, to_json
+from bpo.messages import WINNER_NAMES, WINNER_VALUES, from_json, to_json
 from bpo.pipeline.stage import Stage, StageContext, Work
 from bpo.v1 import bpo_pb2 as pb
 
@@ -77,14 +77,11 @@ class JudgeStage(Stage[pb.AnswerPair]):
         return []
 
     def _store_and_forward(self, w: Work[pb.AnswerPair], verdict: pb.Verdict) -> None:
-        winner = {pb.WINNER_OPTIMIZED: "optimized", pb.WINNER_ORIGINAL: "original"}.get(verdict.winner, "tie")
-        written = self.ctx.store.record_verdict(
-            w.item_id, to_json(verdict), winner=winner, tokens_in=verdict.tokens_in, tokens_out=verdict.tokens_out
+        winner = WINNER_NAMES.get(verdict.winner, "tie")
+        self.write_once_and_forward(
+            w,
+            verdict,
+            lambda: self.ctx.store.record_verdict(
+                w.item_id, to_json(verdict), winner=winner, tokens_in=verdict.tokens_in, tokens_out=verdict.tokens_out
+            ),
         )
-        if written:
-            self.forward(w.job, w.item_id, verdict)
-            return
-        row = self.ctx.store.get_item(w.item_id)
-        stored = self.stored_output(row, w.payload) if row is not None else None
-        if stored is not None:
-            self.forward(w.job, w.item_id, stored)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import redis
 
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
-from bpo.optimizer.optimizer import OptimizeParams
 from bpo.pipeline.rewriting import CachedRewriter, ModelVersions
 from bpo.pipeline.runtime import Runtime, ServiceParts, run_service
 from bpo.settings import BpoSettings
 from bpo.v1 import bpo_pb2
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
-from services.optimizer_worker.app import make_celery_app
+from services.optimizer_worker.app import make_celery_app, queue_for_model
 from services.optimizer_worker.client import OptimizerWorkersClient
 from services.optimizer_worker.settings import WorkerSettings
 from services.rewriter.servicer import OptimizerServicer
@@ -30,14 +30,24 @@ async def build(runtime: Runtime) -> ServiceParts:
     client = OptimizerWorkersClient(make_celery_app(worker_settings), timeout_s=settings.platform.worker_timeout_s)
     versions = ModelVersions(ModelCatalogue(), ModelPreparer(settings.models_dir, install_missing=None), runtime.store)
     rewriter = CachedRewriter(runtime.store, client, versions, runtime.metrics)
-    opt = settings.optimizer
-    defaults = OptimizeParams(opt.temperature, opt.top_p, opt.max_new_tokens, opt.seed, opt.rounds)
-    servicer = OptimizerServicer(rewriter, settings.platform.optimizer_model, defaults, batch_size=opt.batch_size)
+    servicer = OptimizerServicer(
+        rewriter,
+        settings.platform.optimizer_model,
+        settings.optimizer.params(),
+        batch_size=settings.optimizer.batch_size,
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_OptimizerServiceServicer_to_server(servicer, server)
 
-    return ServiceParts(register, [SERVICE], RewriteStage(runtime.stage_context(), rewriter))
+    queue = queue_for_model(settings.platform.optimizer_model)
+    broker = redis.Redis.from_url(worker_settings.broker_url)
+    runtime.closers.append(lambda: asyncio.to_thread(broker.close))
+
+    def queue_depth() -> None:
+        runtime.metrics.celery_queue_depth.labels(queue).set(int(broker.llen(queue)))
+
+    return ServiceParts(register, [SERVICE], RewriteStage(runtime.stage_context(), rewriter), gauges=[queue_depth])
 
 
 def main(settings: BpoSettings) -> None:

@@ -52,21 +52,16 @@ class RewriteStage(Stage[pb.PromptItem]):
         return failures
 
     def _store_and_forward(self, w: Work[pb.PromptItem], rewrite: pb.Rewrite) -> None:
-        written = self.ctx.store.record_rewrite(
-            w.item_id,
-            to_json(rewrite),
-            tokens_in=rewrite.tokens_in,
-            tokens_out=rewrite.tokens_out,
-            cache_hit=rewrite.cache_hit,
-            fallback_reason=rewrite.fallback_reason or None,
-            final=w.job.is_last(self.name),
+        self.write_once_and_forward(
+            w,
+            rewrite,
+            lambda: self.ctx.store.record_rewrite(
+                w.item_id,
+                to_json(rewrite),
+                tokens_in=rewrite.tokens_in,
+                tokens_out=rewrite.tokens_out,
+                cache_hit=rewrite.cache_hit,
+                fallback_reason=rewrite.fallback_reason or None,
+                final=w.job.is_last(self.name),
+            ),
         )
-        if not written:
-            # A concurrent delivery wrote first: what is stored is the result, forward that one.
-            row = self.ctx.store.get_item(w.item_id)
-            stored = self.stored_output(row, w.payload) if row is not None else None
-            if stored is None:
-                return
-            self.forward(w.job, w.item_id, stored)
-            return
-        self.forward(w.job, w.item_id, rewrite)

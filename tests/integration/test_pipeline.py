@@ -153,6 +153,10 @@ def write_corpus(path: Path, prompts: list[str], *, bad_lines: bool = False) -> 
     if bad_lines:
         lines.insert(3, "{this is not json")
         lines.insert(7, json.dumps({"id": "empty", "prompt": "   "}))
+        # Valid JSON and a real prompt, but longer than the optimizer's context: it fails in the rewrite stage.
+        lines.insert(
+            11, json.dumps({"id": "huge", "prompt": "Please rewrite this sentence formally. " * 900, "category": "odd"})
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -234,7 +238,8 @@ def test_twenty_prompts_through_every_stage(stack: dict[str, str], tmp_path: Pat
     good = [r for r in rows if r["status"] == "done"]
     assert len(good) == 20 and len({r["item_id"] for r in good}) == 20
     failed = [r for r in rows if r["status"] == "failed"]
-    assert [r["source_id"] for r in failed] == ["empty"] and "empty" in failed[0]["error"]
+    assert [r["source_id"] for r in failed] == ["huge"]
+    assert failed[0]["failed_stage"] == "rewrite" and "context holds" in failed[0]["error"]
     report_run = bpo(stack, "jobs", "report", job_id, "--json")
     assert report_run.returncode == 0, report_run.stderr
     report = json.loads(report_run.stdout)
@@ -242,7 +247,9 @@ def test_twenty_prompts_through_every_stage(stack: dict[str, str], tmp_path: Pat
     assert int(report["wins"]) + int(report["ties"]) + int(report["losses"]) == 20
     assert {c["category"] for c in report["categories"]} == {"even", "odd"}
     reasons = {f["reason"] for f in report["failures"]}
-    assert any("invalid JSON" in r for r in reasons) and any("empty" in r for r in reasons)
+    assert any("invalid JSON" in r for r in reasons)
+    assert any("empty" in r for r in reasons)
+    assert any("context holds" in r for r in reasons)
     assert {t["role"] for t in report["tokens"]} == {"rewrite", "target", "judge"}
     text = bpo(stack, "jobs", "report", job_id)
     assert "ΔWR" in text.stdout

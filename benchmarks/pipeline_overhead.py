@@ -1,0 +1,178 @@
+"""What the distributed pipeline costs on top of the optimizer itself.
+
+The same 64 BPO-test prompts, the same engine and model (llama.cpp in-process, SmolLM2-135M-Instruct, 2
+threads), the same sampling (the paper's, seed 0, at most 128 new tokens), rewritten twice in one run:
+
+1. directly: ``PromptOptimizer.optimize_batch`` in this process, batches of 8;
+2. through the whole platform: ``bpo up`` (embedded Kafka; Postgres and Redis from the machine when
+   reachable, else embedded), a job submitted over gRPC with the rewrite stage only, flowing through the
+   prompts topic, the rewrite stage (batches of 8), the Celery optimizer worker, Postgres and the rewrites topic.
+
+Reports prompts/s of each, their ratio, and the per-item overhead ((pipeline s - direct s) / prompts). The
+rewrite cache is cleared by using a fresh database and topic prefix, so every prompt costs a model call.
+
+    python benchmarks/pipeline_overhead.py        # writes benchmarks/results/pipeline_overhead.{json,md}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+
+from bpo.corpus.formats import CorpusRecord, builtin_dataset_path, read_corpus
+from bpo.engines.factory import build_engine
+from bpo.infra.postgres import postgres_reachable
+from bpo.infra.process import free_port
+from bpo.infra.redis import redis_reachable
+from bpo.models.catalogue import ModelCatalogue
+from bpo.models.prepare import ModelPreparer
+from bpo.optimizer.optimizer import OptimizeParams, PromptInput, PromptOptimizer, RewriteResult
+from bpo.settings import BpoSettings, EngineSettings
+from bpo.v1 import bpo_pb2 as pb
+from bpo.v1 import bpo_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "smollm2-135m-instruct"
+PROMPTS = 64
+BATCH = 8
+MAX_NEW_TOKENS = 128
+THREADS = 2
+MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+MACHINE_REDIS = "redis://127.0.0.1:6379/11"
+
+
+def prompts() -> list[str]:
+    records = [r for r in read_corpus(builtin_dataset_path("bpo-test")) if isinstance(r, CorpusRecord)]
+    return [r.prompt for r in records[:PROMPTS]]
+
+
+async def direct(texts: list[str]) -> dict[str, Any]:
+    settings = BpoSettings()
+    spec = ModelCatalogue().resolve(MODEL)
+    engine = build_engine(
+        EngineSettings(name="llamacpp", model=MODEL, threads=THREADS), spec, ModelPreparer(settings.models_dir)
+    )
+    optimizer = PromptOptimizer(engine, spec.prompt_style, OptimizeParams(seed=0, max_new_tokens=MAX_NEW_TOKENS))
+    started = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(texts), BATCH):
+        for outcome in await optimizer.optimize_batch([PromptInput(t) for t in texts[start : start + BATCH]]):
+            assert isinstance(outcome, RewriteResult)
+            tokens += outcome.tokens_out
+    elapsed = time.perf_counter() - started
+    await engine.aclose()
+    return {"seconds": round(elapsed, 2), "prompts_per_s": round(len(texts) / elapsed, 3), "output_tokens": tokens}
+
+
+def pipeline(texts: list[str]) -> dict[str, Any]:
+    state_dir = Path(tempfile.mkdtemp(prefix="bpo-bench-"))
+    models = BpoSettings().models_dir
+    (state_dir / "models").symlink_to(models)
+    database = ""
+    if postgres_reachable(MACHINE_POSTGRES):
+        name = f"bpo_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        database = MACHINE_POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    jobs_port = free_port()
+    env = {
+        **os.environ,
+        "BPO_STATE_DIR": str(state_dir),
+        "BPO_PLATFORM__DATABASE_URL": database,
+        "BPO_PLATFORM__REDIS_URL": MACHINE_REDIS if redis_reachable(MACHINE_REDIS) else "",
+        "BPO_PLATFORM__KAFKA_BOOTSTRAP": "",
+        "BPO_PLATFORM__TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
+        "BPO_PLATFORM__JOBS_PORT": str(jobs_port),
+        "BPO_PLATFORM__OPTIMIZER_PORT": str(free_port()),
+        "BPO_PLATFORM__GENERATOR_PORT": str(free_port()),
+        "BPO_PLATFORM__JUDGE_PORT": str(free_port()),
+        "BPO_PLATFORM__METRICS_PORT_BASE": str(free_port()),
+        "BPO_PLATFORM__EMBEDDED_POSTGRES_PORT": str(free_port()),
+        "BPO_PLATFORM__EMBEDDED_REDIS_PORT": str(free_port()),
+        "BPO_PLATFORM__EMBEDDED_KAFKA_PORT": str(free_port()),
+        "BPO_PLATFORM__OPTIMIZER_MODEL": MODEL,
+        "BPO_PLATFORM__TARGET_MODEL": MODEL,
+        "BPO_PLATFORM__JUDGE_MODEL": MODEL,
+        "BPO_PLATFORM__STAGE_BATCH_SIZE": str(BATCH),
+        "BPO_OPTIMIZER__MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
+        "BPO_ENGINE__THREADS": str(THREADS),
+    }
+    cli = [sys.executable, "-m", "bpo.cli.main"]
+    up = subprocess.run([*cli, "up"], env=env, capture_output=True, text=True, check=False)
+    if up.returncode != 0:
+        raise RuntimeError(up.stdout + up.stderr)
+    try:
+        stub = pb_grpc.JobsServiceStub(grpc.insecure_channel(f"127.0.0.1:{jobs_port}"))
+        spec = pb.JobSpec(name="pipeline-overhead", params=pb.OptimizeParams(seed=0), stages=[pb.STAGE_REWRITE])
+        requests = [pb.SubmitJobRequest(spec=spec)] + [
+            pb.SubmitJobRequest(item=pb.PromptItem(source_id=str(i), prompt=t, line=i + 1)) for i, t in enumerate(texts)
+        ]
+        started = time.perf_counter()
+        job_id = stub.SubmitJob(iter(requests)).job_id
+        for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+            pass
+        elapsed = time.perf_counter() - started
+        report = stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)).report
+        tokens = next(t.tokens_out for t in report.tokens if t.role == "rewrite")
+        assert report.rewritten == len(texts) and report.cache_hits == 0, report
+    finally:
+        subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, check=False)
+        if database:
+            with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {database.rsplit('/', 1)[1]} WITH (FORCE)")
+    return {"seconds": round(elapsed, 2), "prompts_per_s": round(len(texts) / elapsed, 3), "output_tokens": tokens}
+
+
+def main() -> None:
+    texts = prompts()
+    direct_row = asyncio.run(direct(texts))
+    print("direct", json.dumps(direct_row), flush=True)
+    pipeline_row = pipeline(texts)
+    print("pipeline", json.dumps(pipeline_row), flush=True)
+    ratio = pipeline_row["prompts_per_s"] / direct_row["prompts_per_s"]
+    overhead_ms = (pipeline_row["seconds"] - direct_row["seconds"]) / len(texts) * 1000
+    payload = {
+        "benchmark": "pipeline_overhead",
+        "model": MODEL,
+        "prompts": len(texts),
+        "batch_size": BATCH,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "threads": THREADS,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "direct": direct_row,
+        "pipeline": pipeline_row,
+        "throughput_ratio": round(ratio, 3),
+        "overhead_ms_per_item": round(overhead_ms, 1),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "pipeline_overhead.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = "\n".join(
+        [
+            "| path | seconds | prompts/s | output tokens |",
+            "|---|---:|---:|---:|",
+            f"| direct (one process) | {direct_row['seconds']} | {direct_row['prompts_per_s']} "
+            f"| {direct_row['output_tokens']} |",
+            f"| whole pipeline | {pipeline_row['seconds']} | {pipeline_row['prompts_per_s']} "
+            f"| {pipeline_row['output_tokens']} |",
+            "",
+            f"throughput ratio (pipeline / direct): {ratio:.3f}; overhead per item: {overhead_ms:.0f} ms",
+        ]
+    )
+    (RESULTS / "pipeline_overhead.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,749 @@
+"""The pipeline's pure parts without Postgres, Kafka or Celery: message conversions, job specs, reports, the
+cached rewriter and the shared stage logic, against in-memory stand-ins for the store and the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError, Message
+
+from bpo.engines.registry import EndpointKey
+from bpo.errors import InvalidConfigurationError, JobNotFoundError
+from bpo.messages import (
+    from_json,
+    params_from_proto,
+    params_hash,
+    params_to_proto,
+    prompt_hash,
+    rewrite_from_result,
+    to_json,
+)
+from bpo.metrics import PlatformMetrics
+from bpo.optimizer.optimizer import OptimizeParams, PromptInput, RewriteFailure, RewriteResult
+from bpo.pipeline.jobspec import JobLookup, ResolvedJob, endpoint_key, resolve, stages_of
+from bpo.pipeline.report import build_report
+from bpo.pipeline.rewriting import CachedRewriter, ModelVersions
+from bpo.pipeline.stage import PermanentItemError, Stage, StageContext, Work
+from bpo.settings import PlatformSettings
+from bpo.store.repository import JobRow, PipelineStore
+from bpo.streaming.kafka import InboundMessage
+from bpo.v1 import bpo_pb2 as pb
+
+pytestmark = pytest.mark.unit
+
+ALL = ("rewrite", "generate", "judge")
+JOB_ID = "11111111-1111-1111-1111-111111111111"
+CANCELLED_JOB_ID = "22222222-2222-2222-2222-222222222222"
+
+
+# -- messages -----------------------------------------------------------------------------------------------
+
+
+def test_params_from_proto_zero_means_default() -> None:
+    assert params_from_proto(pb.OptimizeParams()) == OptimizeParams()
+    defaults = OptimizeParams(temperature=0.3, top_p=0.5, max_new_tokens=64, seed=7, rounds=2)
+    assert params_from_proto(pb.OptimizeParams(), defaults) == defaults
+    given = pb.OptimizeParams(temperature=0.8, top_p=0.95, max_new_tokens=100, rounds=3)
+    assert params_from_proto(given, defaults) == OptimizeParams(0.8, 0.95, 100, 7, 3)
+
+
+def test_params_from_proto_seed_presence() -> None:
+    defaults = OptimizeParams(seed=7)
+    zero_seed = pb.OptimizeParams()
+    zero_seed.seed = 0  # present, so a real seed, not "the default"
+    assert params_from_proto(zero_seed, defaults).seed == 0
+    assert params_from_proto(pb.OptimizeParams(), defaults).seed == 7
+    assert params_from_proto(pb.OptimizeParams()).seed is None
+    assert not params_to_proto(OptimizeParams()).HasField("seed")
+    assert params_to_proto(OptimizeParams(seed=0)).HasField("seed")
+
+
+@pytest.mark.parametrize("temperature", [0.6, 0.7, 1.0, 0.05])
+@pytest.mark.parametrize("top_p", [0.9, 0.95, 1.0])
+def test_params_survive_the_proto_and_its_json(temperature: float, top_p: float) -> None:
+    """proto floats are 32-bit: an explicit 0.6 must still be the 0.6 of the defaults, the same cache key."""
+    params = OptimizeParams(temperature=temperature, top_p=top_p, max_new_tokens=512, seed=3, rounds=2)
+    through_proto = params_from_proto(params_to_proto(params))
+    through_json = params_from_proto(from_json(to_json(params_to_proto(params)), pb.OptimizeParams))
+    assert through_proto == params
+    assert through_json == params
+    assert params_hash(through_proto) == params_hash(params)
+
+
+def test_params_hash_is_stable_and_discriminating() -> None:
+    base = OptimizeParams()
+    assert params_hash(base) == params_hash(OptimizeParams(0.6, 0.9, 1024, None, 1))
+    # A changed canonical form would silently invalidate every cached rewrite: pin it.
+    canonical = b'{"max_new_tokens":1024,"rounds":1,"seed":null,"temperature":0.6,"top_p":0.9}'
+    assert params_hash(base) == hashlib.sha256(canonical).hexdigest()[:32] == "4f4a8b3d4d2dde34bd202290895aa20f"
+    variants = [
+        OptimizeParams(temperature=0.7),
+        OptimizeParams(top_p=0.8),
+        OptimizeParams(max_new_tokens=512),
+        OptimizeParams(seed=0),
+        OptimizeParams(rounds=2),
+    ]
+    hashes = {params_hash(v) for v in variants} | {params_hash(base)}
+    assert len(hashes) == len(variants) + 1
+    assert all(len(h) == 32 and int(h, 16) >= 0 for h in hashes)
+
+
+def test_prompt_hash_includes_the_context() -> None:
+    assert prompt_hash("Summarize.", None) == prompt_hash("Summarize.", "")
+    assert prompt_hash("Summarize.", "text A") != prompt_hash("Summarize.", "text B")
+    assert prompt_hash("Summarize.", "text A") != prompt_hash("Summarize.", None)
+    assert prompt_hash("ab", "c") != prompt_hash("a", "bc")  # the boundary is part of the key
+    assert len(prompt_hash("x", None)) == 64
+
+
+def result_for(prompt: str, context: str | None = None, **overrides: Any) -> RewriteResult:
+    fields: dict[str, Any] = {
+        "original": prompt,
+        "context": context,
+        "optimized": f"Please explain: {prompt}",
+        "model": "opt",
+        "model_version": "opt@1",
+        "engine": "fake",
+        "params": OptimizeParams(seed=5).as_dict(),
+        "rounds_done": 1,
+        "tokens_in": 40,
+        "tokens_out": 12,
+        "latency_s": 0.25,
+    }
+    fields.update(overrides)
+    return RewriteResult(**fields)
+
+
+def test_rewrite_from_result() -> None:
+    item = pb.PromptItem(item_id="i1", job_id=JOB_ID, prompt="Why is the sky blue?", line=3)
+    result = result_for(item.prompt, params={**OptimizeParams(seed=5).as_dict(), "not_a_param": 1})
+    rewrite = rewrite_from_result(item, result)
+    assert rewrite.item == item
+    assert (rewrite.optimized, rewrite.model, rewrite.model_version, rewrite.engine) == (
+        "Please explain: Why is the sky blue?",
+        "opt",
+        "opt@1",
+        "fake",
+    )
+    assert (rewrite.tokens_in, rewrite.tokens_out, rewrite.rounds_done, rewrite.cache_hit) == (40, 12, 1, False)
+    assert rewrite.latency_s == pytest.approx(0.25)
+    assert rewrite.fallback_reason == "" and rewrite.stop_reason == "rounds_completed"
+    assert params_from_proto(rewrite.params) == OptimizeParams(seed=5)
+    kept = rewrite_from_result(item, result_for(item.prompt, fallback_reason="refusal"), cache_hit=True)
+    assert (kept.fallback_reason, kept.cache_hit) == ("refusal", True)
+    assert from_json(to_json(kept), pb.Rewrite) == kept
+    assert from_json({**to_json(kept), "from_a_newer_version": 1}, pb.Rewrite) == kept
+
+
+# -- job specs ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        ([], ALL),
+        ([pb.STAGE_REWRITE], ("rewrite",)),
+        ([pb.STAGE_REWRITE, pb.STAGE_GENERATE], ("rewrite", "generate")),
+        ([pb.STAGE_GENERATE, pb.STAGE_REWRITE], ("rewrite", "generate")),
+        ([pb.STAGE_JUDGE, pb.STAGE_REWRITE, pb.STAGE_GENERATE], ALL),
+    ],
+)
+def test_stages_of_accepts_prefixes(stages: list[pb.Stage.ValueType], expected: tuple[str, ...]) -> None:
+    assert stages_of(pb.JobSpec(stages=stages)) == expected
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [pb.STAGE_GENERATE],
+        [pb.STAGE_JUDGE],
+        [pb.STAGE_REWRITE, pb.STAGE_JUDGE],
+        [pb.STAGE_GENERATE, pb.STAGE_JUDGE],
+        [pb.STAGE_REWRITE, pb.STAGE_REWRITE],
+        [pb.STAGE_REWRITE, pb.STAGE_GENERATE, pb.STAGE_GENERATE],
+        [pb.STAGE_UNSPECIFIED],
+        [pb.STAGE_REWRITE, pb.STAGE_UNSPECIFIED],
+    ],
+)
+def test_stages_of_rejects_gaps_duplicates_and_unknowns(stages: list[pb.Stage.ValueType]) -> None:
+    with pytest.raises(InvalidConfigurationError):
+        stages_of(pb.JobSpec(stages=stages))
+
+
+def test_endpoint_key() -> None:
+    assert endpoint_key(pb.ModelEndpoint(), "llamacpp", "small") == EndpointKey("llamacpp", "small")
+    remote = endpoint_key(
+        pb.ModelEndpoint(
+            base_url="http://h/v1", model="gpt", api_key_env="KEY", max_concurrency=4, requests_per_second=2.5
+        ),
+        "llamacpp",
+        "small",
+    )
+    assert remote == EndpointKey("openai", "gpt", "http://h/v1", "KEY", 4, 2.5)
+    assert endpoint_key(pb.ModelEndpoint(engine="vllm"), "llamacpp", "small") == EndpointKey("vllm", "small")
+    with pytest.raises(InvalidConfigurationError, match="unknown engine 'tensorrt'"):
+        endpoint_key(pb.ModelEndpoint(engine="tensorrt"), "llamacpp", "small")
+
+
+def job_row(
+    job_id: str = JOB_ID, spec: pb.JobSpec | None = None, stages: Sequence[str] = ALL, state: str = "running"
+) -> JobRow:
+    return JobRow(job_id, "job", to_json(spec or pb.JobSpec()), tuple(stages), state, 1, 0)
+
+
+def test_resolve_fills_the_platform_defaults() -> None:
+    platform = PlatformSettings(optimizer_model="opt", target_model="target", judge_model="judge")
+    plain = resolve(job_row(stages=("rewrite", "generate")), platform)
+    assert (plain.optimizer_model, plain.params, plain.stages, plain.active) == (
+        "opt",
+        OptimizeParams(),
+        ("rewrite", "generate"),
+        True,
+    )
+    assert plain.target == EndpointKey("llamacpp", "target") and plain.judge == EndpointKey("llamacpp", "judge")
+    assert (plain.target_max_new_tokens, plain.judge_max_new_tokens) == (256, 384)
+    assert plain.next_stage("rewrite") == "generate" and plain.next_stage("generate") is None
+    assert plain.is_last("generate") and not plain.is_last("rewrite")
+
+    spec = pb.JobSpec(
+        optimizer_model="other",
+        params=pb.OptimizeParams(rounds=2),
+        target=pb.ModelEndpoint(base_url="http://h/v1", model="gpt", max_new_tokens=50),
+    )
+    custom = resolve(job_row(spec=spec, state="cancelled"), platform)
+    assert (custom.optimizer_model, custom.params.rounds, custom.target.engine, custom.target_max_new_tokens) == (
+        "other",
+        2,
+        "openai",
+        50,
+    )
+    assert not custom.active
+
+
+class CountingJobs(PipelineStore):
+    """Only ``get_job``, counting the calls (no pool: nothing here reaches Postgres)."""
+
+    def __init__(self, *rows: JobRow) -> None:
+        self.rows = {row.job_id: row for row in rows}
+        self.calls = 0
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        self.calls += 1
+        return self.rows.get(job_id)
+
+
+def test_job_lookup_caches_briefly_and_reports_unknown_jobs() -> None:
+    store = CountingJobs(job_row())
+    cached = JobLookup(store, PlatformSettings(), ttl_s=60)
+    assert cached.get(JOB_ID).job_id == JOB_ID
+    assert cached.get(JOB_ID).job_id == JOB_ID
+    assert store.calls == 1
+    uncached = JobLookup(store, PlatformSettings(), ttl_s=0)
+    uncached.get(JOB_ID)
+    uncached.get(JOB_ID)
+    assert store.calls == 3
+    with pytest.raises(JobNotFoundError):
+        cached.get(CANCELLED_JOB_ID)
+
+
+# -- reports ------------------------------------------------------------------------------------------------
+
+
+def report_rows(wins: int, ties: int, losses: int, *, consistent: int = 0, extra: int = 0) -> dict[str, Any]:
+    judged = wins + ties + losses
+    totals = {
+        "items": judged + extra,
+        "rewritten": judged,
+        "kept_original": 1,
+        "cache_hits": 2,
+        "judged": judged,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "consistent": consistent,
+        "rewrite_in": 1,
+        "rewrite_out": 2,
+        "target_in": 3,
+        "target_out": 4,
+        "judge_in": 5,
+        "judge_out": 6,
+    }
+    return {"totals": totals, "categories": [], "failures": []}
+
+
+def test_build_report_rates_and_delta_wr() -> None:
+    rows = report_rows(6, 1, 3, consistent=8)
+    rows["categories"] = [
+        {"category": "", "judged": 2, "wins": 0, "ties": 0, "losses": 2},
+        {"category": "math", "judged": 8, "wins": 6, "ties": 1, "losses": 1},
+        {"category": "empty", "judged": 0, "wins": 0, "ties": 0, "losses": 0},
+    ]
+    rows["failures"] = [
+        {"item_id": "i9", "source_id": "s9", "line": 9, "stage": "judge", "reason": "judge down"},
+        {"item_id": "", "source_id": "", "line": 11, "stage": "submit", "reason": "not JSON"},
+    ]
+    report = build_report(pb.Job(job_id=JOB_ID), rows)
+    assert report.job.job_id == JOB_ID
+    assert (report.judged, report.wins, report.ties, report.losses, report.failed) == (10, 6, 1, 3, 2)
+    assert (report.win_rate, report.tie_rate, report.lose_rate) == pytest.approx((0.6, 0.1, 0.3))
+    assert report.delta_wr == pytest.approx(0.3)  # (wins - losses) / judged
+    assert report.position_consistency == pytest.approx(0.8)
+    assert [(c.category, c.judged, c.delta_wr) for c in report.categories] == [
+        ("", 2, pytest.approx(-1.0)),
+        ("math", 8, pytest.approx(5 / 8)),
+        ("empty", 0, 0.0),
+    ]
+    assert [(t.role, t.tokens_in, t.tokens_out) for t in report.tokens] == [
+        ("rewrite", 1, 2),
+        ("target", 3, 4),
+        ("judge", 5, 6),
+    ]
+    assert [(f.item_id, f.line, f.stage, f.reason) for f in report.failures] == [
+        ("i9", 9, pb.STAGE_JUDGE, "judge down"),
+        ("", 11, pb.STAGE_UNSPECIFIED, "not JSON"),
+    ]
+
+
+def test_build_report_with_nothing_judged() -> None:
+    report = build_report(pb.Job(), report_rows(0, 0, 0, extra=4))
+    assert (report.items, report.judged) == (4, 0)
+    assert (report.win_rate, report.tie_rate, report.lose_rate, report.delta_wr, report.position_consistency) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
+
+
+# -- the cached rewriter ------------------------------------------------------------------------------------
+
+
+class MemoryStore(PipelineStore):
+    """The parts of the store the rewriter and the stages use, in memory, with the same write-once rules."""
+
+    def __init__(self) -> None:  # no pool: nothing here reaches Postgres
+        self.cache: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.items: dict[str, dict[str, Any]] = {}
+        self.finish_checks: list[str] = []
+
+    def cached_rewrite(self, prompt_hash: str, model_version: str, params_hash: str) -> dict[str, Any] | None:
+        return self.cache.get((prompt_hash, model_version, params_hash))
+
+    def cache_rewrite(self, prompt_hash: str, model_version: str, params_hash: str, rewrite: dict[str, Any]) -> None:
+        self.cache.setdefault((prompt_hash, model_version, params_hash), rewrite)
+
+    def add(self, item_id: str, *, job_id: str = JOB_ID, status: str = "pending", rewrite: str | None = None) -> None:
+        stored = to_json(pb.Rewrite(optimized=rewrite)) if rewrite is not None else None
+        self.items[item_id] = {
+            "item_id": item_id,
+            "job_id": job_id,
+            "status": status,
+            "rewrite": stored,
+            "failed_stage": None,
+            "error": None,
+        }
+
+    def get_item(self, item_id: str) -> dict[str, Any] | None:
+        row = self.items.get(item_id)
+        return dict(row) if row is not None else None
+
+    def record_rewrite(
+        self,
+        item_id: str,
+        rewrite: dict[str, Any],
+        *,
+        tokens_in: int,
+        tokens_out: int,
+        cache_hit: bool,
+        fallback_reason: str | None,
+        final: bool,
+    ) -> bool:
+        row = self.items[item_id]
+        if row["rewrite"] is not None or row["status"] in ("failed", "cancelled"):
+            return False
+        row.update(rewrite=rewrite, status="done" if final else "rewritten")
+        return True
+
+    def mark_failed(self, item_id: str, stage: str, reason: str) -> bool:
+        row = self.items.get(item_id)
+        if row is None or row["status"] not in ("pending", "rewritten", "answered"):
+            return False
+        row.update(status="failed", failed_stage=stage, error=reason)
+        return True
+
+    def finish_job_if_complete(self, job_id: str) -> bool:
+        self.finish_checks.append(job_id)
+        return False
+
+
+class FixedVersions(ModelVersions):
+    def __init__(self, version: str = "1") -> None:  # no catalogue: a fixed version per model name
+        self.version = version
+
+    def version_of(self, model: str) -> str:
+        return f"{model}@{self.version}"
+
+
+class FakeBackend:
+    """The optimizer workers: rewrites every prompt, fails the ones in ``fail``, records every batch."""
+
+    def __init__(self, fail: Sequence[str] = ()) -> None:
+        self.fail = set(fail)
+        self.batches: list[list[PromptInput]] = []
+
+    async def optimize_batch(
+        self, model: str, params: OptimizeParams, inputs: Sequence[PromptInput]
+    ) -> list[RewriteResult | RewriteFailure]:
+        self.batches.append(list(inputs))
+        return [
+            RewriteFailure(i.prompt, "prompt needs 9000 tokens", "INVALID_ARGUMENT")
+            if i.prompt in self.fail
+            else result_for(
+                i.prompt,
+                i.context,
+                optimized=f"Better: {i.prompt} [{i.context or ''}]",
+                model=model,
+                params=params.as_dict(),
+                tokens_in=len(i.prompt),
+            )
+            for i in inputs
+        ]
+
+
+def rewriter_parts(fail: Sequence[str] = ()) -> tuple[CachedRewriter, MemoryStore, FakeBackend, PlatformMetrics]:
+    store, backend, metrics = MemoryStore(), FakeBackend(fail), PlatformMetrics()
+    return CachedRewriter(store, backend, FixedVersions(), metrics), store, backend, metrics
+
+
+def lookups(metrics: PlatformMetrics, result: str) -> float:
+    return metrics.registry.get_sample_value("bpo_rewrite_cache_lookups_total", {"result": result}) or 0.0
+
+
+def item(item_id: str, prompt: str, context: str = "") -> pb.PromptItem:
+    return pb.PromptItem(item_id=item_id, job_id=JOB_ID, prompt=prompt, context=context)
+
+
+async def test_cache_hits_cost_no_backend_call() -> None:
+    rewriter, store, backend, metrics = rewriter_parts()
+    params = OptimizeParams(seed=1)
+    (first,) = await rewriter.rewrite([item("a", "Tell me about tides.")], "opt", params)
+    assert first.failure is None and first.rewrite is not None
+    assert (first.rewrite.cache_hit, first.rewrite.tokens_in, first.rewrite.tokens_out) == (False, 20, 12)
+    assert len(backend.batches) == 1 and len(store.cache) == 1
+    assert "item" not in next(iter(store.cache.values()))  # the cache holds the rewrite, not whose it was
+
+    (second,) = await rewriter.rewrite([item("b", "Tell me about tides.")], "opt", params)
+    assert len(backend.batches) == 1
+    assert second.rewrite is not None
+    assert second.rewrite.optimized == first.rewrite.optimized
+    assert (second.rewrite.cache_hit, second.rewrite.tokens_in, second.rewrite.tokens_out) == (True, 0, 0)
+    assert second.rewrite.item.item_id == "b"
+    assert (lookups(metrics, "miss"), lookups(metrics, "hit")) == (1, 1)
+    assert metrics.registry.get_sample_value("bpo_tokens_total", {"role": "optimizer", "direction": "in"}) == 20
+
+    # Another model version, other parameters or another context are other keys.
+    await rewriter.rewrite([item("c", "Tell me about tides.")], "opt", OptimizeParams(seed=2))
+    await rewriter.rewrite([item("d", "Tell me about tides.", "the Moon")], "opt", params)
+    await CachedRewriter(store, backend, FixedVersions("2"), metrics).rewrite(
+        [item("e", "Tell me about tides.")], "opt", params
+    )
+    assert len(backend.batches) == 4 and len(store.cache) == 4
+
+
+async def test_repeats_inside_a_batch_are_sent_once() -> None:
+    rewriter, store, backend, _ = rewriter_parts()
+    items = [
+        item("1", "Explain recursion."),
+        item("2", "Name three rivers."),
+        item("3", "Explain recursion."),
+        item("4", "Explain recursion.", "in Lisp"),
+        item("5", "Name three rivers."),
+    ]
+    outcomes = await rewriter.rewrite(items, "opt", OptimizeParams())
+    assert backend.batches == [
+        [
+            PromptInput("Explain recursion."),
+            PromptInput("Name three rivers."),
+            PromptInput("Explain recursion.", "in Lisp"),
+        ]
+    ]
+    rewrites = [o.rewrite for o in outcomes]
+    assert all(r is not None for r in rewrites)
+    assert [r.item.item_id for r in rewrites if r] == ["1", "2", "3", "4", "5"]
+    assert [(r.cache_hit, r.tokens_in) for r in rewrites if r] == [
+        (False, 18),
+        (False, 18),
+        (True, 0),
+        (False, 18),
+        (True, 0),
+    ]
+    assert rewrites[0] is not None and rewrites[2] is not None
+    assert rewrites[2].optimized == rewrites[0].optimized
+    assert len(store.cache) == 3
+
+
+async def test_failures_pass_through_and_are_not_cached() -> None:
+    rewriter, store, backend, _ = rewriter_parts(fail=["Too long."])
+    items = [item("1", "Too long."), item("2", "Fine."), item("3", "Too long.")]
+    outcomes = await rewriter.rewrite(items, "opt", OptimizeParams())
+    assert [o.rewrite is None for o in outcomes] == [True, False, True]
+    failure = outcomes[0].failure
+    assert failure is not None and (failure.status_code, failure.error) == (
+        "INVALID_ARGUMENT",
+        "prompt needs 9000 tokens",
+    )
+    assert outcomes[2].failure == failure
+    assert len(store.cache) == 1
+    await rewriter.rewrite([item("4", "Too long.")], "opt", OptimizeParams())
+    assert backend.batches[-1] == [PromptInput("Too long.")]  # a failure is tried again next time
+
+
+async def test_a_backend_error_fails_the_whole_call() -> None:
+    class Down(FakeBackend):
+        async def optimize_batch(
+            self, model: str, params: OptimizeParams, inputs: Sequence[PromptInput]
+        ) -> list[RewriteResult | RewriteFailure]:
+            raise ConnectionError("broker unreachable")
+
+    store = MemoryStore()
+    with pytest.raises(ConnectionError):
+        await CachedRewriter(store, Down(), FixedVersions(), PlatformMetrics()).rewrite(
+            [item("1", "Anything.")], "opt", OptimizeParams()
+        )
+    assert store.cache == {}
+
+
+# -- the stage base -----------------------------------------------------------------------------------------
+
+
+class StaticJobs(JobLookup):
+    def __init__(self, *jobs: ResolvedJob) -> None:  # no store: jobs are given
+        self.jobs = {job.job_id: job for job in jobs}
+
+    def get(self, job_id: str) -> ResolvedJob:
+        if job_id not in self.jobs:
+            raise JobNotFoundError(f"job {job_id} not found")
+        return self.jobs[job_id]
+
+
+def resolved(job_id: str, *, stages: tuple[str, ...] = ALL, state: str = "running") -> ResolvedJob:
+    endpoint = EndpointKey("llamacpp", "m")
+    return ResolvedJob(job_id, state, stages, "opt", OptimizeParams(), endpoint, 256, endpoint, 384)
+
+
+class ToyStage(Stage[pb.PromptItem]):
+    """A rewrite stage whose "rewrite" upper-cases the prompt; prompts in ``errors`` fail with that error."""
+
+    name = "rewrite"
+    message_type = pb.PromptItem
+
+    def __init__(
+        self, ctx: StageContext, *, errors: dict[str, Exception] | None = None, batch_error: Exception | None = None
+    ) -> None:
+        super().__init__(ctx)
+        self.errors = errors or {}
+        self.batch_error = batch_error
+        self.processed: list[str] = []
+
+    def item_of(self, payload: pb.PromptItem) -> pb.PromptItem:
+        return payload
+
+    def stored_output(self, row: dict[str, object], payload: pb.PromptItem) -> Message | None:
+        stored = row.get("rewrite")
+        return from_json(stored, pb.Rewrite) if isinstance(stored, dict) else None
+
+    async def process(self, work: Sequence[Work[pb.PromptItem]]) -> list[tuple[Work[pb.PromptItem], Exception]]:
+        if self.batch_error is not None:
+            raise self.batch_error
+        failures: list[tuple[Work[pb.PromptItem], Exception]] = []
+        for w in work:
+            self.processed.append(w.item_id)
+            if w.payload.prompt in self.errors:
+                failures.append((w, self.errors[w.payload.prompt]))
+                continue
+            output = pb.Rewrite(item=w.payload, optimized=w.payload.prompt.upper())
+            write = functools.partial(
+                self.ctx.store.record_rewrite,
+                w.item_id,
+                to_json(output),
+                tokens_in=1,
+                tokens_out=1,
+                cache_hit=False,
+                fallback_reason=None,
+                final=w.job.is_last(self.name),
+            )
+            await asyncio.to_thread(self.write_once_and_forward, w, output, write)
+        return failures
+
+
+@pytest.fixture(scope="module")
+def stage_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The service's event loop, on its own thread, as ``handle`` (called from the Kafka thread) expects."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="stage-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+    loop.close()
+
+
+class Harness:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *jobs: ResolvedJob) -> None:
+        self.store = MemoryStore()
+        self.metrics = PlatformMetrics()
+        self.published: list[tuple[str, str, bytes]] = []
+        self.ctx = StageContext(
+            store=self.store,
+            jobs=StaticJobs(*(jobs or (resolved(JOB_ID),))),
+            publish=lambda topic, key, value: self.published.append((topic, key, value)),
+            topic=lambda name: f"t.{name}",
+            metrics=self.metrics,
+            loop=loop,
+        )
+        self.offset = 0
+
+    def message(self, item_id: str, prompt: str = "", *, job_id: str = JOB_ID) -> InboundMessage:
+        payload = pb.PromptItem(item_id=item_id, job_id=job_id, prompt=prompt or f"prompt {item_id}")
+        return self.raw(payload.SerializeToString())
+
+    def raw(self, value: bytes) -> InboundMessage:
+        self.offset += 1
+        return InboundMessage("t.prompts", 0, self.offset, None, value)
+
+    def forwarded(self) -> list[tuple[str, str, str]]:
+        return [(topic, key, pb.Rewrite.FromString(value).optimized) for topic, key, value in self.published]
+
+    def count(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "bpo_stage_messages_total", {"stage": "rewrite", "outcome": outcome}
+        )
+        return value or 0.0
+
+
+def test_handle_writes_once_and_forwards(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop, resolved(JOB_ID, stages=("rewrite",)))
+    h.store.add("a")
+    h.store.add("b")
+    stage = ToyStage(h.ctx)
+    assert stage.handle([h.message("a", "tides"), h.message("b", "rivers")]) == []
+    assert h.forwarded() == [("t.rewrites", "a", "TIDES"), ("t.rewrites", "b", "RIVERS")]
+    assert [h.store.items[i]["status"] for i in ("a", "b")] == ["done", "done"]  # the last stage: final writes
+    assert h.store.finish_checks == [JOB_ID, JOB_ID]
+    assert h.count("processed") == 2
+
+
+def test_undecodable_message_fails_alone(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add("a")
+    stage = ToyStage(h.ctx)
+    garbage = h.raw(b"\x0a\xff")
+    failures = stage.handle([garbage, h.message("a")])
+    assert [(f.message, type(f.error)) for f in failures] == [(garbage, DecodeError)]
+    assert [key for _, key, _ in h.published] == ["a"]
+    # Dead-lettering it later cannot name an item: nothing is marked failed and nothing raises.
+    stage.on_dead_letter(garbage, "undecodable")
+    assert h.store.items["a"]["status"] == "rewritten"
+
+
+def test_items_of_cancelled_jobs_and_finished_items_are_skipped(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(
+        stage_loop,
+        resolved(JOB_ID),
+        resolved(CANCELLED_JOB_ID, state="cancelled"),
+        resolved("33333333-3333-3333-3333-333333333333", stages=()),
+    )
+    h.store.add("of-cancelled-job", job_id=CANCELLED_JOB_ID)
+    h.store.add("cancelled-item", status="cancelled")
+    h.store.add("failed-item", status="failed")
+    stage = ToyStage(h.ctx)
+    messages = [
+        h.message("of-cancelled-job", job_id=CANCELLED_JOB_ID),
+        h.message("cancelled-item"),
+        h.message("failed-item"),
+        h.message("never-stored"),
+        h.message("not-a-stage-of-its-job", job_id="33333333-3333-3333-3333-333333333333"),
+    ]
+    assert stage.handle(messages) == []
+    assert stage.processed == [] and h.published == []
+    assert h.store.items["of-cancelled-job"]["status"] == "pending"
+    assert h.count("skipped") == 5
+
+
+def test_stored_output_is_forwarded_not_recomputed(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop, resolved(JOB_ID, stages=("rewrite",)))
+    h.store.add("a", status="done", rewrite="written by the first delivery")
+    stage = ToyStage(h.ctx)
+    assert stage.handle([h.message("a", "tides")]) == []
+    assert stage.processed == []
+    assert h.forwarded() == [("t.rewrites", "a", "written by the first delivery")]
+    assert h.store.finish_checks == [JOB_ID]
+    assert h.count("redelivered") == 1
+
+
+def test_write_once_and_forward_forwards_what_another_delivery_wrote(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add("raced", status="rewritten", rewrite="the other delivery's")
+    h.store.add("gone", status="cancelled")
+    stage = ToyStage(h.ctx)
+    job = resolved(JOB_ID)
+    for item_id in ("raced", "gone"):
+        work = Work(h.message(item_id), pb.PromptItem(item_id=item_id, job_id=JOB_ID), item_id, job)
+        stage.write_once_and_forward(work, pb.Rewrite(optimized="mine"), lambda: False)
+    assert h.forwarded() == [("t.rewrites", "raced", "the other delivery's")]
+
+
+def test_permanent_item_error_fails_the_item_not_the_message(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add("bad")
+    h.store.add("good")
+    stage = ToyStage(h.ctx, errors={"too long": PermanentItemError("prompt needs 9000 tokens")})
+    assert stage.handle([h.message("bad", "too long"), h.message("good", "fine")]) == []
+    bad = h.store.items["bad"]
+    assert (bad["status"], bad["failed_stage"], bad["error"]) == ("failed", "rewrite", "prompt needs 9000 tokens")
+    assert h.store.items["good"]["status"] == "rewritten"
+    assert [key for _, key, _ in h.published] == ["good"]
+    assert h.metrics.registry.get_sample_value("bpo_items_failed_total", {"stage": "rewrite"}) == 1
+    assert JOB_ID in h.store.finish_checks  # the failed item may have been the job's last
+
+
+def test_other_item_errors_fail_their_message_for_a_retry(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add("flaky")
+    h.store.add("good")
+    flaky = h.message("flaky", "flaky")
+    stage = ToyStage(h.ctx, errors={"flaky": ConnectionError("target down")})
+    failures = stage.handle([flaky, h.message("good")])
+    assert [(f.message, str(f.error)) for f in failures] == [(flaky, "target down")]
+    assert h.store.items["flaky"]["status"] == "pending"
+    # After its retries the loop dead-letters it: then the item fails with the reason and the job goes on.
+    stage.on_dead_letter(flaky, "target down")
+    row = h.store.items["flaky"]
+    assert (row["status"], row["error"]) == ("failed", "rewrite failed after retries: target down")
+
+
+def test_a_batch_exception_fails_every_message(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    for item_id in ("a", "b", "c"):
+        h.store.add(item_id)
+    h.store.add("skipped", status="cancelled")
+    stage = ToyStage(h.ctx, batch_error=ConnectionError("broker unreachable"))
+    messages = [h.message("a"), h.message("b"), h.message("skipped"), h.message("c")]
+    failures = stage.handle(messages)
+    assert [f.message for f in failures] == [messages[0], messages[1], messages[3]]
+    assert all(isinstance(f.error, ConnectionError) for f in failures)
+    assert h.published == [] and all(h.store.items[i]["status"] == "pending" for i in ("a", "b", "c"))
+
+
+def test_unknown_job_fails_the_message(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    stray = h.message("x", job_id="44444444-4444-4444-4444-444444444444")
+    failures = ToyStage(h.ctx).handle([stray])
+    assert [(f.message, type(f.error)) for f in failures] == [(stray, JobNotFoundError)]
