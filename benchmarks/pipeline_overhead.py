@@ -34,12 +34,12 @@ import psycopg
 from bpo.corpus.formats import CorpusRecord, builtin_dataset_path, read_corpus
 from bpo.engines.factory import build_engine
 from bpo.infra.postgres import postgres_reachable
-from bpo.infra.process import free_port
 from bpo.infra.redis import redis_reachable
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, PromptOptimizer, RewriteResult
 from bpo.settings import BpoSettings, EngineSettings
+from bpo.stack.isolated import isolated_platform_env
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 
@@ -78,37 +78,25 @@ async def direct(texts: list[str]) -> dict[str, Any]:
 
 def pipeline(texts: list[str]) -> dict[str, Any]:
     state_dir = Path(tempfile.mkdtemp(prefix="bpo-bench-"))
-    models = BpoSettings().models_dir
-    (state_dir / "models").symlink_to(models)
     database = ""
     if postgres_reachable(MACHINE_POSTGRES):
         name = f"bpo_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         database = MACHINE_POSTGRES.rsplit("/", 1)[0] + f"/{name}"
-    jobs_port = free_port()
-    env = {
-        **os.environ,
-        "BPO_STATE_DIR": str(state_dir),
-        "BPO_PLATFORM__DATABASE_URL": database,
-        "BPO_PLATFORM__REDIS_URL": MACHINE_REDIS if redis_reachable(MACHINE_REDIS) else "",
-        "BPO_PLATFORM__KAFKA_BOOTSTRAP": "",
-        "BPO_PLATFORM__TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
-        "BPO_PLATFORM__JOBS_PORT": str(jobs_port),
-        "BPO_PLATFORM__OPTIMIZER_PORT": str(free_port()),
-        "BPO_PLATFORM__GENERATOR_PORT": str(free_port()),
-        "BPO_PLATFORM__JUDGE_PORT": str(free_port()),
-        "BPO_PLATFORM__METRICS_PORT_BASE": str(free_port()),
-        "BPO_PLATFORM__EMBEDDED_POSTGRES_PORT": str(free_port()),
-        "BPO_PLATFORM__EMBEDDED_REDIS_PORT": str(free_port()),
-        "BPO_PLATFORM__EMBEDDED_KAFKA_PORT": str(free_port()),
-        "BPO_PLATFORM__OPTIMIZER_MODEL": MODEL,
-        "BPO_PLATFORM__TARGET_MODEL": MODEL,
-        "BPO_PLATFORM__JUDGE_MODEL": MODEL,
-        "BPO_PLATFORM__STAGE_BATCH_SIZE": str(BATCH),
-        "BPO_OPTIMIZER__MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
-        "BPO_ENGINE__THREADS": str(THREADS),
-    }
+    env = isolated_platform_env(
+        state_dir,
+        BpoSettings().models_dir,
+        model=MODEL,
+        database_url=database,
+        redis_url=MACHINE_REDIS if redis_reachable(MACHINE_REDIS) else "",
+        extra={
+            "BPO_PLATFORM__STAGE_BATCH_SIZE": str(BATCH),
+            "BPO_OPTIMIZER__MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
+            "BPO_ENGINE__THREADS": str(THREADS),
+        },
+    )
+    jobs_port = int(env["BPO_PLATFORM__JOBS_PORT"])
     cli = [sys.executable, "-m", "bpo.cli.main"]
     up = subprocess.run([*cli, "up"], env=env, capture_output=True, text=True, check=False)
     if up.returncode != 0:

@@ -113,7 +113,7 @@ def supervise() -> None:
     """(internal) Run the supervisor in the foreground; `bpo up` starts it detached."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     raise typer.Exit(Supervisor(BpoSettings()).run())
 
 
@@ -121,7 +121,9 @@ def serve(name: Annotated[str, typer.Argument(help="jobs, rewriter, generator or
     """(internal) Run one platform service in the foreground."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s", force=True
+    )
     settings = BpoSettings()
     if name == "jobs":
         from services.jobs.main import main

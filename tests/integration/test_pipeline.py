@@ -23,9 +23,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from bpo.engines.llamacpp_server import free_port
 from bpo.infra.postgres import postgres_reachable
 from bpo.infra.redis import redis_reachable
+from bpo.stack.isolated import isolated_platform_env
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 
@@ -76,35 +76,23 @@ def database_url() -> Iterator[str]:
 def stack_env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     state_dir = tmp_path_factory.mktemp("stack")
     models = Path(os.environ.get("BPO_STATE_DIR", Path.home() / ".cache" / "bpo")) / "models"
-    (state_dir / "models").symlink_to(models)  # reuse prepared weights
-    env = {
-        **os.environ,
-        "BPO_STATE_DIR": str(state_dir),
-        "BPO_PLATFORM__DATABASE_URL": database_url,
-        "BPO_PLATFORM__REDIS_URL": "",
-        "BPO_PLATFORM__KAFKA_BOOTSTRAP": "",
-        "BPO_PLATFORM__TOPIC_PREFIX": f"t{uuid.uuid4().hex[:6]}",
-        "BPO_PLATFORM__JOBS_PORT": str(free_port()),
-        "BPO_PLATFORM__OPTIMIZER_PORT": str(free_port()),
-        "BPO_PLATFORM__GENERATOR_PORT": str(free_port()),
-        "BPO_PLATFORM__JUDGE_PORT": str(free_port()),
-        "BPO_PLATFORM__METRICS_PORT_BASE": str(free_port()),
-        "BPO_PLATFORM__EMBEDDED_POSTGRES_PORT": str(free_port()),
-        "BPO_PLATFORM__EMBEDDED_REDIS_PORT": str(free_port()),
-        "BPO_PLATFORM__EMBEDDED_KAFKA_PORT": str(free_port()),
-        "BPO_PLATFORM__OPTIMIZER_MODEL": MODEL,
-        "BPO_PLATFORM__TARGET_MODEL": MODEL,
-        "BPO_PLATFORM__JUDGE_MODEL": MODEL,
-        "BPO_PLATFORM__STAGE_BATCH_SIZE": "4",
-        "BPO_OPTIMIZER__MAX_NEW_TOKENS": "96",
-        "BPO_OPTIMIZER__BATCH_SIZE": "4",
-        "BPO_ENGINE__THREADS": "1",
-        # Short enough that a killed worker's task comes back within the test; longer than any task here.
-        "BPO_WORKER_VISIBILITY_TIMEOUT_S": "60",
-        "BPO_WORKER_TASK_TIME_LIMIT_S": "25",
-        "BPO_WORKER_RETRY_BACKOFF_MAX_S": "5",
-        "BPO_WORKER_UNACKED_RESTORE_INTERVAL_S": "5",
-    }
+    env = isolated_platform_env(
+        state_dir,
+        models,
+        model=MODEL,
+        database_url=database_url,
+        extra={
+            "BPO_PLATFORM__STAGE_BATCH_SIZE": "4",
+            "BPO_OPTIMIZER__MAX_NEW_TOKENS": "96",
+            "BPO_OPTIMIZER__BATCH_SIZE": "4",
+            "BPO_ENGINE__THREADS": "1",
+            # Short enough that a killed worker's task comes back within the test; longer than any task here.
+            "BPO_WORKER_VISIBILITY_TIMEOUT_S": "60",
+            "BPO_WORKER_TASK_TIME_LIMIT_S": "25",
+            "BPO_WORKER_RETRY_BACKOFF_MAX_S": "5",
+            "BPO_WORKER_UNACKED_RESTORE_INTERVAL_S": "5",
+        },
+    )
     if redis_reachable(MACHINE_REDIS):
         env["BPO_PLATFORM__REDIS_URL"] = MACHINE_REDIS
         import redis
