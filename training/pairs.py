@@ -1,7 +1,7 @@
 """Where training reads its pairs: ``prompt_pairs`` rows whose decision is ``kept`` (migration 0002).
 
-``PostgresPairs`` is the one read query training needs; anything with the same ``kept_pairs`` method (the pairs
-store, an in-memory list in a test) can stand in for it.
+``StorePairs`` reads them through the platform's pairs store; anything with the same ``kept_pairs`` method (an
+in-memory list in a test) can stand in for it.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import psycopg
-
 from bpo.errors import BpoError
+from bpo.store.pairs import PairsStore
 from training.data import TrainingPair
 
 
@@ -19,18 +18,15 @@ class PairSource(Protocol):
     def kept_pairs(self, datasets: Sequence[str]) -> list[TrainingPair]: ...
 
 
-class PostgresPairs:
-    def __init__(self, database_url: str) -> None:
-        self._url = database_url
+class StorePairs:
+    def __init__(self, store: PairsStore) -> None:
+        self._store = store
 
     def kept_pairs(self, datasets: Sequence[str]) -> list[TrainingPair]:
-        with psycopg.connect(self._url) as conn:
-            rows = conn.execute(
-                "SELECT pair_id::text, record_id::text, dataset, x_user, x_opt FROM prompt_pairs"
-                " WHERE decision = 'kept' AND dataset = ANY(%s) AND x_opt IS NOT NULL ORDER BY pair_id",
-                (list(datasets),),
-            ).fetchall()
-        return [TrainingPair(*row) for row in rows]
+        return [
+            TrainingPair(pair.pair_id, pair.record_id, pair.dataset, pair.x_user, pair.x_opt)
+            for pair in self._store.kept_pairs(datasets)
+        ]
 
 
 class MissingPairsError(BpoError):

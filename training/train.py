@@ -196,21 +196,26 @@ def _to_device(examples: Sequence[Example], pad_token_id: int, device: str) -> d
 
 def token_loss(model: Any, batch: dict[str, Any], autocast: Any) -> tuple[Any, int]:
     """Summed cross-entropy over target tokens and their count: losses are averaged per token across batches of
-    different lengths, not per batch."""
+    different lengths, not per batch.
+
+    Logits are computed only from the last prompt position on (``logits_to_keep``): the prompt's positions carry
+    no loss, and the 49K-wide output layer over them would be a fifth of the forward pass for nothing."""
     import torch.nn.functional as functional
 
+    width = batch["input_ids"].shape[1]
+    first_target = int((batch["labels"] != -100).int().argmax(dim=1).min())
+    start = max(first_target - 1, 0)
     with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Position t predicts token t + 1.
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:]
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=width - start
+        ).logits
+    # Kept position t (absolute start + t) predicts token start + t + 1.
+    predicted = logits[:, :-1, :].float()
+    targets = batch["labels"][:, start + 1 :]
     total = functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
+        predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    return total, int((shifted_labels != -100).sum())
+    return total, int((targets != -100).sum())
 
 
 def evaluate(
@@ -361,7 +366,7 @@ def train(
                 # Each micro-batch's mean loss, averaged over the accumulation group.
                 loss = loss_sum / max(count, 1) / len(tensors)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                group_loss += float(loss_sum)
+                group_loss += float(loss_sum.detach())
                 group_tokens += count
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -481,9 +486,18 @@ def version_hash(hf_dir: Path, saved_config: dict[str, Any], data_hash: str) -> 
     for weights in sorted(hf_dir.glob("*.safetensors")):
         digest.update(weights.name.encode())
         digest.update(sha256_of(weights).encode())
-    digest.update(json.dumps(saved_config["config"], sort_keys=True).encode())
+    digest.update(config_hash(saved_config).encode())
     digest.update(data_hash.encode())
     return digest.hexdigest()[:12]
+
+
+# Where a run is written and what happens after it: none of it changes what was trained.
+_NOT_HASHED = ("output_dir", "alias", "register_version", "threads")
+
+
+def config_hash(saved_config: dict[str, Any]) -> str:
+    trained_by = {key: value for key, value in saved_config["config"].items() if key not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(trained_by, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def optimizer_manifest(
@@ -505,7 +519,7 @@ def optimizer_manifest(
         "base_identity": base.name,
         "method": config.method,
         "data_manifest_hash": data_hash,
-        "config_hash": hashlib.sha256(json.dumps(saved_config["config"], sort_keys=True).encode()).hexdigest()[:12],
+        "config_hash": config_hash(saved_config),
         "metrics": metrics.summary(),
         "gguf": gguf_info,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from bpo.cli import jobs_cmd, models_cmd, optimize_cmd, stack_cmd, train_cmd
+from bpo.cli import jobs_cmd, models_cmd, optimize_cmd, pairs_cmd, stack_cmd, train_cmd
 from bpo.errors import BpoError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command("status")(stack_cmd.status)
 app.command("down")(stack_cmd.down)
 app.command("submit")(jobs_cmd.submit)
 app.add_typer(jobs_cmd.app, name="jobs")
+app.add_typer(pairs_cmd.app, name="pairs")
 app.command("serve", hidden=True)(stack_cmd.serve)
 app.command("worker", hidden=True)(stack_cmd.worker)
 app.command("supervise", hidden=True)(stack_cmd.supervise)

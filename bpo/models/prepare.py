@@ -222,14 +222,15 @@ class ModelPreparer:
 
 
 def _local_version(path: Path) -> str:
-    """Content hash for a GGUF file; for a folder, its manifest's version or a hash of its weight files."""
-    if path.is_file():
-        return sha256_of(path)[:12]
-    manifest = path / "bpo_optimizer.json"
+    """A trained optimizer's manifest version (``bpo_optimizer.json`` in a folder, ``<stem>.bpo_optimizer.json``
+    beside a GGUF), else a content hash of the GGUF file or of the folder's weight files."""
+    manifest = path / "bpo_optimizer.json" if path.is_dir() else path.with_suffix(".bpo_optimizer.json")
     if manifest.exists():
         version = json.loads(manifest.read_text()).get("version")
         if isinstance(version, str):
             return version
+    if path.is_file():
+        return sha256_of(path)[:12]
     digest = hashlib.sha256()
     for weights in sorted(path.glob("*.safetensors")):
         digest.update(weights.name.encode())

@@ -71,9 +71,9 @@ class SelfBleuFilter:
         if length == 0:
             return 0.0
         hits: Counter[int] = Counter()
-        self._count_hits(hits, self._postings, (g for g in ngrams if len(g) > 1))
+        self._count_hits(hits, self._postings, ((g, c) for g, c in ngrams.items() if len(g) > 1))
         if length < 4:
-            self._count_hits(hits, self._word_postings, (g for g in ngrams if len(g) == 1))
+            self._count_hits(hits, self._word_postings, ((g, c) for g, c in ngrams.items() if len(g) == 1))
         total = [0] * MAX_ORDER
         for gram, count in ngrams.items():
             total[len(gram) - 1] += count
@@ -109,11 +109,20 @@ class SelfBleuFilter:
         for gram in ngrams:
             (self._postings if len(gram) > 1 else self._word_postings).setdefault(gram, []).append(index)
 
-    def _count_hits(self, hits: Counter[int], postings: dict[Ngram, list[int]], grams: Iterable[Ngram]) -> None:
-        for gram in grams:
+    def _count_hits(
+        self, hits: Counter[int], postings: dict[Ngram, list[int]], grams: Iterable[tuple[Ngram, int]]
+    ) -> None:
+        # Weighted by the candidate's own count of the n-gram: then no order can match more n-grams than the
+        # hits, which is what makes ``_upper_bound`` a bound.
+        for gram, count in grams:
             posting = postings.get(gram)
-            if posting is not None and len(posting) <= self.max_posting:
-                hits.update(posting)
+            if posting is None or len(posting) > self.max_posting:
+                continue
+            if count == 1:
+                hits.update(posting)  # the common case, counted in C
+            else:
+                for index in posting:
+                    hits[index] += count
 
     def _bleu_against(self, ngrams: Counter[Ngram], total: list[int], length: int, index: int) -> float:
         ref_ngrams, ref_length = self._refs[index]
@@ -133,7 +142,10 @@ def _brevity_penalty(length: int, ref_length: int) -> float:
 
 
 def _upper_bound(shared: int, total: list[int]) -> float:
-    """BLEU with a perfect brevity penalty, every word matched and ``shared`` matches in each higher order."""
+    """BLEU with a perfect brevity penalty, every word matched and ``shared`` matches in each higher order.
+
+    ``shared`` counts the candidate's n-grams found in the reference (with the candidate's multiplicity), so no
+    order has more matches; smoothing gives an order without matches at most 100 / total, no more either."""
     logs = [math.log(100.0)]
     for order_total in total[1:]:
         if order_total == 0:

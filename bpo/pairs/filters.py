@@ -30,12 +30,16 @@ MAX_GROWTH: Final = 6  # words(X_opt) / words(X_user) above this is dropped
 PROTECTED_MARKER: Final = "[protected"
 
 
+DEFAULT_MIN_WORDS: Final = 3
+DEFAULT_MIN_CHARS: Final = 10
+
+
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     """Thresholds of the rule filters. The paper names the filter ("too short") but not its numbers."""
 
-    min_words: int = 3
-    min_chars: int = 10
+    min_words: int = DEFAULT_MIN_WORDS
+    min_chars: int = DEFAULT_MIN_CHARS
 
     def __post_init__(self) -> None:
         if self.min_words < 1 or self.min_chars < 1:

@@ -53,7 +53,7 @@ BPO_REPOSITORY_LICENCE: Final = "Apache-2.0"
 ImportItem = PreferenceRecord | ImportIssue | Skipped
 
 
-class _Malformed(Exception):
+class _MalformedError(Exception):
     """Raised inside a converter; becomes an ``ImportIssue`` with the record's line."""
 
 
@@ -99,9 +99,9 @@ def read_records(
         line, value = item
         try:
             if not isinstance(value, dict):
-                raise _Malformed(f"expected a JSON object, got {type(value).__name__}")
+                raise _MalformedError(f"expected a JSON object, got {type(value).__name__}")
             yield convert(value, line, options)
-        except _Malformed as exc:
+        except _MalformedError as exc:
             yield ImportIssue(line, str(exc))
 
 
@@ -149,6 +149,9 @@ def _array_values(text: str) -> Iterator[tuple[int, Any] | ImportIssue]:
             yield ImportIssue(line_at(len(text)), "the JSON array is not closed")
             return
         if text[index] == "]":
+            rest = skip(index + 1)
+            if rest < len(text):
+                yield ImportIssue(line_at(rest), "unexpected content after the JSON array; it was not read")
             return
         start = line_at(index)
         try:
@@ -171,10 +174,10 @@ def _array_values(text: str) -> Iterator[tuple[int, Any] | ImportIssue]:
 
 def _text(record: Mapping[str, Any], name: str) -> str:
     if name not in record:
-        raise _Malformed(f"missing field {name!r}")
+        raise _MalformedError(f"missing field {name!r}")
     value = record[name]
     if not isinstance(value, str):
-        raise _Malformed(f"field {name!r} is {type(value).__name__}, expected a string")
+        raise _MalformedError(f"field {name!r} is {type(value).__name__}, expected a string")
     return value
 
 
@@ -183,7 +186,7 @@ def _optional_text(record: Mapping[str, Any], name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _Malformed(f"field {name!r} is {type(value).__name__}, expected a string or null")
+        raise _MalformedError(f"field {name!r} is {type(value).__name__}, expected a string or null")
     return value if value.strip() else None
 
 
@@ -226,7 +229,7 @@ def _from_bpo(record: Mapping[str, Any], line: int, options: ImportOptions) -> I
     for name in _BPO_EXTRA_FIELDS:
         value = record.get(name)
         if value is not None and not isinstance(value, str):
-            raise _Malformed(f"field {name!r} is {type(value).__name__}, expected a string")
+            raise _MalformedError(f"field {name!r} is {type(value).__name__}, expected a string")
         if value is not None:
             extra[name] = value
     licence = BPO_ORIGIN_LICENCES.get(origin, f"{BPO_REPOSITORY_LICENCE} (underlying data: unknown)")
@@ -237,33 +240,47 @@ def _from_bpo(record: Mapping[str, Any], line: int, options: ImportOptions) -> I
 # -- hh-rlhf --------------------------------------------------------------------------------------------------
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_LAST_ASSISTANT = "\n\nAssistant:"
 
 
 def split_transcript(transcript: str) -> list[tuple[str, str]]:
     """``[(speaker, text), ...]`` of an HH-RLHF transcript; text is stripped."""
     parts = _HH_TURN.split(transcript)
     if parts[0].strip():
-        raise _Malformed("the transcript does not start with a '\\n\\nHuman:' turn")
+        raise _MalformedError("the transcript does not start with a '\\n\\nHuman:' turn")
     return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
 
 
-def _single_turn(transcript: str) -> tuple[str, str] | None:
-    turns = split_transcript(transcript)
-    if [speaker for speaker, _ in turns] == ["Human", "Assistant"]:
-        return turns[0][1], turns[1][1]
-    return None
+def split_hh_pair(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, str]:
+    """The shared conversation and the two final assistant replies of an HH-RLHF pair.
+
+    The two transcripts share everything up to the final ``Assistant:`` marker of ``chosen``; what follows it
+    is each one's reply (the usual reading of the data: one rejected transcript in harmless-base/test has a
+    stray ``Human:`` inside its reply, which stays part of that reply)."""
+    cut = chosen.rfind(_HH_LAST_ASSISTANT)
+    if cut < 0:
+        raise _MalformedError("the chosen transcript has no '\\n\\nAssistant:' turn")
+    prefix = chosen[: cut + len(_HH_LAST_ASSISTANT)]
+    conversation = split_transcript(prefix + " ")[:-1]
+    if not rejected.startswith(prefix):
+        raise _MalformedError("chosen and rejected transcripts differ before their final assistant turn")
+    return conversation, chosen[len(prefix) :].strip(), rejected[len(prefix) :].strip()
 
 
 def _from_hh(record: Mapping[str, Any], line: int, options: ImportOptions) -> ImportItem:
     chosen_text, rejected_text = _text(record, "chosen"), _text(record, "rejected")
-    chosen, rejected = _single_turn(chosen_text), _single_turn(rejected_text)
-    if chosen is None or rejected is None:
+    try:
+        conversation, chosen, rejected = split_hh_pair(chosen_text, rejected_text)
+    except _MalformedError:
+        # A multi-turn pair is out of scope whatever else is wrong with it.
+        if chosen_text.count(_HH_LAST_ASSISTANT) > 1:
+            return Skipped(line, "not single-turn")
+        raise
+    if [speaker for speaker, _ in conversation] != ["Human"]:
         return Skipped(line, "not single-turn")
-    if chosen[0] != rejected[0]:
-        raise _Malformed("chosen and rejected transcripts start from different human turns")
     external_id = content_id(chosen_text, rejected_text)
-    return _record(options, "hh-rlhf", DEFAULT_LICENCES["hh-rlhf"], external_id, chosen[0], None, chosen[1],
-                   rejected[1], line)  # fmt: skip
+    return _record(options, "hh-rlhf", DEFAULT_LICENCES["hh-rlhf"], external_id, conversation[0][1], None, chosen,
+                   rejected, line)  # fmt: skip
 
 
 # -- chatbot-arena --------------------------------------------------------------------------------------------
@@ -272,11 +289,11 @@ def _from_hh(record: Mapping[str, Any], line: int, options: ImportOptions) -> Im
 def _arena_turns(record: Mapping[str, Any], name: str) -> list[tuple[str, str]]:
     conversation = record.get(name)
     if not isinstance(conversation, list):
-        raise _Malformed(f"field {name!r} must be a list of {{role, content}} messages")
+        raise _MalformedError(f"field {name!r} must be a list of {{role, content}} messages")
     turns = []
     for message in conversation:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _Malformed(f"{name} holds a message without a string 'role'")
+            raise _MalformedError(f"{name} holds a message without a string 'role'")
         turns.append((message["role"], _text(message, "content")))
     return turns
 
@@ -284,10 +301,10 @@ def _arena_turns(record: Mapping[str, Any], name: str) -> list[tuple[str, str]]:
 def _from_arena(record: Mapping[str, Any], line: int, options: ImportOptions) -> ImportItem:
     question_id = record.get("question_id")
     if not isinstance(question_id, str | int) or isinstance(question_id, bool) or not str(question_id).strip():
-        raise _Malformed("missing field 'question_id'")
+        raise _MalformedError("missing field 'question_id'")
     winner = _text(record, "winner")
     if winner not in ("model_a", "model_b", "tie", "tie (bothbad)"):
-        raise _Malformed(f"unknown winner {winner!r}")
+        raise _MalformedError(f"unknown winner {winner!r}")
     turns_a, turns_b = _arena_turns(record, "conversation_a"), _arena_turns(record, "conversation_b")
     turn = record.get("turn", len(turns_a) // 2)
     if (
@@ -301,7 +318,7 @@ def _from_arena(record: Mapping[str, Any], line: int, options: ImportOptions) ->
     if not options.keeps_language(record.get("language")):
         return Skipped(line, "language")
     if turns_a[0][1] != turns_b[0][1]:
-        raise _Malformed("conversation_a and conversation_b start from different user turns")
+        raise _MalformedError("conversation_a and conversation_b start from different user turns")
     model_a, model_b = str(record.get("model_a", "")), str(record.get("model_b", ""))
     a_won = winner == "model_a"
     chosen, rejected = (turns_a[1][1], turns_b[1][1]) if a_won else (turns_b[1][1], turns_a[1][1])
@@ -337,7 +354,7 @@ def _from_generic(record: Mapping[str, Any], line: int, options: ImportOptions) 
     chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
     own_id = record.get("id")
     if own_id is not None and (not isinstance(own_id, str | int) or isinstance(own_id, bool)):
-        raise _Malformed(f"field 'id' is {type(own_id).__name__}, expected a string or integer")
+        raise _MalformedError(f"field 'id' is {type(own_id).__name__}, expected a string or integer")
     external_id = str(own_id) if own_id is not None else content_id(instruction, context, chosen, rejected)
     assert options.licence is not None  # read_records refuses generic input without one
     return _record(options, "generic", options.licence, external_id, instruction, context, chosen, rejected, line)
@@ -371,16 +388,16 @@ class _Message:
 def _oasst_message(raw: Mapping[str, Any], line: int) -> _Message:
     message_id = raw.get("message_id")
     if not isinstance(message_id, str) or not message_id:
-        raise _Malformed("missing field 'message_id'")
+        raise _MalformedError("missing field 'message_id'")
     parent_id = raw.get("parent_id")
     if parent_id is not None and not isinstance(parent_id, str):
-        raise _Malformed("field 'parent_id' must be a string or null")
+        raise _MalformedError("field 'parent_id' must be a string or null")
     role = _text(raw, "role")
     if role not in ("prompter", "assistant"):
-        raise _Malformed(f"unknown role {role!r}")
+        raise _MalformedError(f"unknown role {role!r}")
     rank = raw.get("rank")
     if rank is not None and (not isinstance(rank, int | float) or isinstance(rank, bool)):
-        raise _Malformed(f"field 'rank' is {type(rank).__name__}, expected a number or null")
+        raise _MalformedError(f"field 'rank' is {type(rank).__name__}, expected a number or null")
     lang = raw.get("lang")
     tree_id = raw.get("message_tree_id")
     return _Message(
@@ -404,10 +421,10 @@ def _flatten_tree(node: Mapping[str, Any], line: int, parent_id: str | None, out
     out.append(message)
     replies = node.get("replies", [])
     if not isinstance(replies, list):
-        raise _Malformed("field 'replies' must be a list")
+        raise _MalformedError("field 'replies' must be a list")
     for reply in replies:
         if not isinstance(reply, dict):
-            raise _Malformed("a reply must be a JSON object")
+            raise _MalformedError("a reply must be a JSON object")
         _flatten_tree(reply, line, message.message_id, out)
 
 
@@ -421,14 +438,14 @@ def _read_oasst1(values: Iterator[tuple[int, Any] | ImportIssue], options: Impor
         line, value = item
         try:
             if not isinstance(value, dict):
-                raise _Malformed(f"expected a JSON object, got {type(value).__name__}")
+                raise _MalformedError(f"expected a JSON object, got {type(value).__name__}")
             if isinstance(value.get("prompt"), dict):
                 tree: list[_Message] = []
                 _flatten_tree(value["prompt"], line, None, tree)
                 messages.extend(tree)
             else:
                 messages.append(_oasst_message(value, line))
-        except _Malformed as exc:
+        except _MalformedError as exc:
             yield ImportIssue(line, str(exc))
     replies: dict[str, list[_Message]] = {}
     for message in messages:

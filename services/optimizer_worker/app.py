@@ -21,20 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import psycopg
 from celery import Celery, current_app  # type: ignore[import-untyped]
 from celery.signals import worker_process_init, worker_process_shutdown  # type: ignore[import-untyped]
 
 from bpo.engines.base import EngineClient
 from bpo.engines.factory import build_engine, resolve_spec
-from bpo.errors import EngineUnavailableError, ModelNotFoundError
-from bpo.models.catalogue import ModelCatalogue, PromptStyle
+from bpo.errors import EngineUnavailableError, InvalidConfigurationError, ModelNotFoundError
+from bpo.models.catalogue import ModelCatalogue, ModelSpec, PromptStyle, SourceKind
 from bpo.models.prepare import ModelPreparer
+from services.optimizer_worker.generation_tasks import GENERATE_BATCH_TASK, register_generation_tasks
 from services.optimizer_worker.metrics import WorkerMetrics, mark_process_dead
 from services.optimizer_worker.settings import WorkerSettings
 from services.optimizer_worker.tasks import OPTIMIZE_BATCH_TASK, register_tasks
@@ -51,8 +55,8 @@ def queue_for_model(model: str) -> str:
 
 
 def route_task(name: str, args: Sequence[Any], kwargs: dict[str, Any], options: dict[str, Any], **_: Any) -> Any:
-    """Celery router: an optimize task goes to its model's queue, whoever sends it and however."""
-    if name != OPTIMIZE_BATCH_TASK:
+    """Celery router: an optimize or generate task goes to its model's queue, whoever sends it and however."""
+    if name not in (OPTIMIZE_BATCH_TASK, GENERATE_BATCH_TASK):
         return None
     model = kwargs.get("model", args[0] if args else None)
     if not isinstance(model, str):
@@ -72,6 +76,71 @@ class EngineLoader(Protocol):
 
     def load(self, model: str) -> LoadedModel:
         """Load one engine replica into the calling process."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredVersion:
+    """A registered optimizer version an alias points at; ``location`` is its training run's folder."""
+
+    name: str
+    version: str
+    location: str
+
+
+class AliasSource(Protocol):
+    def resolve(self, alias: str) -> RegisteredVersion | None:
+        """The version ``alias`` points at now, or None when there is no such alias."""
+
+    def close(self) -> None:
+        """Drop any connection (called in the worker's parent before it forks its pool processes)."""
+
+
+class VersionLoader(Protocol):
+    def load_version(self, version: RegisteredVersion) -> LoadedModel:
+        """Load one engine replica of a registered version into the calling process."""
+
+
+@dataclass(frozen=True, slots=True)
+class AliasWatch:
+    """How a holder follows aliases: where it looks them up, how it loads a version, and how often it looks."""
+
+    source: AliasSource
+    loader: VersionLoader
+    check_interval_s: float = 5.0
+    clock: Callable[[], float] = field(default=time.monotonic)
+
+
+class RegistryAliases:
+    """Aliases from the platform's model registry (``model_aliases`` joined to ``model_registry``).
+
+    One connection per process, opened on first use: a libpq connection must not cross a fork, and a pool
+    process that inherited one would share its socket with every sibling."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._pid = 0
+
+    def resolve(self, alias: str) -> RegisteredVersion | None:
+        if self._conn is None or self._conn.closed or self._pid != os.getpid():
+            self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+            self._pid = os.getpid()
+        try:
+            row = self._conn.execute(
+                "SELECT a.name, a.version, r.source FROM model_aliases a"
+                " JOIN model_registry r ON r.name = a.name AND r.version = a.version WHERE a.alias = %s",
+                (alias,),
+            ).fetchone()
+        except psycopg.Error:
+            # A broken connection is replaced on the next check instead of failing every later one.
+            self.close()
+            raise
+        return RegisteredVersion(*row) if row is not None else None
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
 
 
 class CatalogueEngineLoader:
@@ -100,6 +169,41 @@ class CatalogueEngineLoader:
         spec = resolve_spec(engine_settings, self._catalogue)
         return LoadedModel(build_engine(engine_settings, spec, self._preparer), spec.prompt_style)
 
+    def load_version(self, version: RegisteredVersion) -> LoadedModel:
+        """A training run's own files: its GGUF for llamacpp, its merged Hugging Face folder for the others."""
+        engine_settings = self._settings.engine_settings_for(version.name)
+        if engine_settings.name == "openai":
+            raise InvalidConfigurationError("registered versions are served by in-process engines, not 'openai'")
+        run = Path(version.location)
+        path = run / f"{version.name}.gguf" if engine_settings.name == "llamacpp" else run / version.name
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"{version.name} version {version.version} has no {path.name} in {run} for the "
+                f"{engine_settings.name} engine"
+            )
+        spec = ModelSpec(
+            name=version.name,
+            description=f"{version.name} version {version.version}",
+            source=SourceKind.LOCAL_PATH,
+            prompt_style=PromptStyle.BPO_TEMPLATE,
+            licence="as its base model's",
+            local_path=path,
+        )
+        engine = build_engine(engine_settings, spec, self._preparer)
+        if engine.identity.version != version.version:
+            raise ModelNotFoundError(
+                f"{path} holds version {engine.identity.version}, but the registry says {version.version}"
+            )
+        return LoadedModel(engine, spec.prompt_style)
+
+
+def alias_watch_for(settings: WorkerSettings, loader: VersionLoader) -> AliasWatch | None:
+    """Workers follow registry aliases when the platform has a database; without one there is nothing to follow."""
+    url = settings.platform.platform.database_url
+    if not url:
+        return None
+    return AliasWatch(RegistryAliases(url), loader, settings.alias_check_interval_s)
+
 
 class EngineHolder:
     """The engines of one worker process, one replica per served model, and the event loop they run on.
@@ -108,28 +212,57 @@ class EngineHolder:
     such signal. One loop lives as long as the process because engines may bind resources to the loop they first
     ran on (the OpenAI client's connection pool): a fresh loop per task would strand them. Used from the pool
     process's single task thread only.
+
+    A served name that is a registry alias (``latest``) is followed: before a batch, at most once per
+    ``check_interval_s``, the holder looks the alias up and, when it points at another version, loads that one
+    and closes the old engine. A batch holds the engine it got from ``get`` until it ends, and the switch only
+    happens in ``get`` at the start of the next one, so a batch always finishes on the version it started with;
+    each result names the version that wrote it (the engine's identity). A version that fails to load is logged
+    and skipped until the alias moves again, and the previous version keeps serving.
     """
 
-    def __init__(self, models: Sequence[str], loader: EngineLoader, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        models: Sequence[str],
+        loader: EngineLoader,
+        metrics: WorkerMetrics | None = None,
+        aliases: AliasWatch | None = None,
+    ) -> None:
         self.models = tuple(models)
         self._loader = loader
         self._metrics = metrics
+        self._aliases = aliases
         self._loaded: dict[str, LoadedModel] = {}
         self._load_errors: dict[str, str] = {}
+        self._versions: dict[str, RegisteredVersion] = {}
+        self._failed_versions: dict[str, RegisteredVersion] = {}
+        self._checked_at: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
-        for model in self.models:
-            self._loader.prepare(model)
+        try:
+            for model in self.models:
+                # A registered version is a training run's finished files: nothing to assemble or convert.
+                if self._aliases is None or self._lookup(model) is None:
+                    self._loader.prepare(model)
+        finally:
+            if self._aliases is not None:
+                self._aliases.source.close()
 
     def load_all(self) -> None:
         for model in self.models:
+            self._follow_alias(model)
             self._load(model)
+
+    def serving_version(self, model: str) -> RegisteredVersion | None:
+        """The registered version an alias is served by in this process now (None for a catalogue model)."""
+        return self._versions.get(model)
 
     def get(self, model: str) -> LoadedModel:
         if model not in self.models:
             raise ModelNotFoundError(f"this worker serves {', '.join(self.models)}, not {model!r}")
+        self._follow_alias(model)
         loaded = self._loaded.get(model) or self._load(model)
         if loaded is None:
             raise EngineUnavailableError(
@@ -154,6 +287,61 @@ class EngineHolder:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+
+    def _lookup(self, model: str) -> RegisteredVersion | None:
+        assert self._aliases is not None
+        try:
+            return self._aliases.source.resolve(model)
+        except Exception:
+            # The registry being away must not stop serving: the loaded version goes on until it is back.
+            log.warning("looking up alias %s failed; keeping the loaded version", model, exc_info=True)
+            return None
+
+    def _follow_alias(self, model: str) -> None:
+        watch = self._aliases
+        if watch is None:
+            return
+        now = watch.clock()
+        last = self._checked_at.get(model)
+        if last is not None and now - last < watch.check_interval_s:
+            return
+        self._checked_at[model] = now
+        target = self._lookup(model)
+        if target is None or target == self._versions.get(model) or target == self._failed_versions.get(model):
+            return
+        self._switch(model, target, watch.loader)
+
+    def _switch(self, model: str, target: RegisteredVersion, loader: VersionLoader) -> None:
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                loaded = loader.load_version(target)
+            except Exception as exc:
+                log.exception("loading %s version %s for %s failed", target.name, target.version, model)
+                self._failed_versions[model] = target
+                if model not in self._loaded:
+                    self._load_errors[model] = f"{type(exc).__name__}: {exc}"
+                return
+            elapsed = time.perf_counter() - started
+            previous = self._loaded.get(model)
+            was = self._versions.get(model)
+            self._loaded[model] = loaded
+            self._versions[model] = target
+            self._load_errors.pop(model, None)
+            self._failed_versions.pop(model, None)
+        log.info(
+            "%s now served by %s version %s (was %s), loaded in %.1fs",
+            model, target.name, target.version, f"{was.name}@{was.version}" if was else "none", elapsed,
+        )  # fmt: skip
+        if self._metrics is not None:
+            self._metrics.engine_load_seconds.labels(model).observe(elapsed)
+            if previous is None:
+                self._metrics.engine_replicas.labels(model).inc()
+        if previous is not None:
+            try:
+                self.run(previous.engine.aclose())
+            except Exception:
+                log.exception("closing the previous engine of %s failed", model)
 
     def _load(self, model: str) -> LoadedModel | None:
         with self._lock:
@@ -186,7 +374,9 @@ def make_celery_app(
 ) -> Celery:
     """The app both workers and clients use. Workers load ``engines`` in each pool process as it starts."""
     metrics = metrics or WorkerMetrics()
-    engines = engines or EngineHolder(settings.models, CatalogueEngineLoader(settings), metrics)
+    if engines is None:
+        loader = CatalogueEngineLoader(settings)
+        engines = EngineHolder(settings.models, loader, metrics, alias_watch_for(settings, loader))
     app = Celery("bpo-optimizer", broker=settings.broker_url, backend=settings.resolved_result_backend)
     app.conf.update(
         task_serializer="json",
@@ -231,6 +421,7 @@ def make_celery_app(
         task_routes=(route_task,),
     )
     register_tasks(app, engines, metrics, settings)
+    register_generation_tasks(app, engines, metrics, settings)
 
     def load_engines(**_: Any) -> None:
         # Signals are process-wide: only the app this worker process runs should load its engines.

@@ -15,6 +15,8 @@
     BPO_WORKER_METRICS_PORT             Prometheus port of the worker (0 = no metrics endpoint)
     BPO_WORKER_METRICS_HOST             address the metrics endpoint binds
     BPO_WORKER_LOG_LEVEL                Celery worker log level
+    BPO_WORKER_ALIAS_CHECK_INTERVAL_S   how often (at most) a process looks up a served alias such as ``latest``
+                                        in the model registry (needs BPO_PLATFORM__DATABASE_URL)
 
 The engine each process loads (engine name, threads, context length, state directory) comes from the platform's
 own ``BpoSettings`` (``BPO_ENGINE__*``, ``BPO_STATE_DIR``); only the model name is taken from ``models``.
@@ -58,6 +60,8 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    # One indexed lookup per served alias and process at most this often, made before a batch starts.
+    alias_check_interval_s: float = Field(default=5.0, gt=0)
     platform: BpoSettings = Field(default_factory=BpoSettings)
 
     @field_validator("models", mode="before")

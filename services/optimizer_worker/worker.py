@@ -18,7 +18,13 @@ from pydantic import ValidationError
 
 from bpo.errors import BpoError
 from bpo.settings import BpoSettings
-from services.optimizer_worker.app import CatalogueEngineLoader, EngineHolder, make_celery_app, queue_for_model
+from services.optimizer_worker.app import (
+    CatalogueEngineLoader,
+    EngineHolder,
+    alias_watch_for,
+    make_celery_app,
+    queue_for_model,
+)
 from services.optimizer_worker.metrics import (
     WorkerMetrics,
     enable_multiprocess,
@@ -53,7 +59,8 @@ def run_worker(settings: WorkerSettings, node_name: str, extra_argv: Sequence[st
         metrics_dir = enable_multiprocess(node_name)
     try:
         metrics = WorkerMetrics()
-        engines = EngineHolder(settings.models, CatalogueEngineLoader(settings), metrics)
+        loader = CatalogueEngineLoader(settings)
+        engines = EngineHolder(settings.models, loader, metrics, alias_watch_for(settings, loader))
         try:
             # Once, in the parent: processes starting together would otherwise each assemble or convert the same
             # weights, and a model that cannot be found stops the worker here rather than in every process.
