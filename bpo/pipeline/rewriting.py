@@ -107,10 +107,12 @@ class CachedRewriter:
                     rewrite.tokens_out = 0
                     outcomes[index] = RewriteOutcome(rewrite, None)
                     continue
-                cacheable = pb.Rewrite()
-                cacheable.CopyFrom(rewrite)
-                cacheable.ClearField("item")
-                await asyncio.to_thread(self._store.cache_rewrite, key, version, p_hash, to_json(cacheable))
+                # An alias can move while a batch runs: cache only what the version looked up actually produced.
+                if result.model_version in (version, version.rsplit("@", 1)[-1]):
+                    cacheable = pb.Rewrite()
+                    cacheable.CopyFrom(rewrite)
+                    cacheable.ClearField("item")
+                    await asyncio.to_thread(self._store.cache_rewrite, key, version, p_hash, to_json(cacheable))
                 self._metrics.tokens.labels("optimizer", "in").inc(result.tokens_in)
                 self._metrics.tokens.labels("optimizer", "out").inc(result.tokens_out)
                 outcomes[index] = RewriteOutcome(rewrite, None)

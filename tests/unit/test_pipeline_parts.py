@@ -454,7 +454,9 @@ async def test_cache_hits_cost_no_backend_call() -> None:
     await CachedRewriter(store, backend, FixedVersions("2"), metrics).rewrite(
         [item("e", "Tell me about tides.")], "opt", params
     )
-    assert len(backend.batches) == 4 and len(store.cache) == 4
+    # Version 2 was looked up but the (fake) workers still answered with version 1, as a worker does while an
+    # alias moves: that result is not filed under version 2.
+    assert len(backend.batches) == 4 and len(store.cache) == 3
 
 
 async def test_repeats_inside_a_batch_are_sent_once() -> None:
