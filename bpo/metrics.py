@@ -41,6 +41,9 @@ class PlatformMetrics:
         )
         self.items_failed = Counter("bpo_items_failed", "Items marked failed", ["stage"], registry=r)
         self.cache_lookups = Counter("bpo_rewrite_cache_lookups", "Rewrite cache lookups", ["result"], registry=r)
+        self.completion_cache_lookups = Counter(
+            "bpo_completion_cache_lookups", "Greedy target and judge requests by cache result", ["result"], registry=r
+        )
         self.tokens = Counter("bpo_tokens", "Tokens processed", ["role", "direction"], registry=r)
         self.tokens_per_second = Gauge(
             "bpo_output_tokens_per_second", "Output tokens per second of the last batch", ["role"], registry=r
@@ -49,6 +52,10 @@ class PlatformMetrics:
             "bpo_celery_queue_depth", "Optimizer tasks waiting in a worker queue", ["queue"], registry=r
         )
         self.jobs = Counter("bpo_jobs", "Jobs by event", ["event"], registry=r)
+
+    def record_completion_cache(self, hits: int, misses: int) -> None:
+        self.completion_cache_lookups.labels("hit").inc(hits)
+        self.completion_cache_lookups.labels("miss").inc(misses)
 
 
 def serve_metrics(metrics: PlatformMetrics, port: int) -> int:

@@ -142,6 +142,8 @@ class PlatformSettings(BaseModel):
     embedded_redis_port: int = 56379
     embedded_kafka_port: int = 59092
     workers: int = Field(default=1, ge=1)
+    # Greedy target answers and verdicts are kept in Postgres and reused by any job asking the same again.
+    completion_cache: bool = True
 
 
 class BpoSettings(BaseSettings):

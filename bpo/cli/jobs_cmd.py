@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,9 +12,10 @@ import typer
 from google.protobuf import json_format
 from tqdm import tqdm
 
-from bpo.corpus.formats import CorpusError, builtin_dataset_path, read_corpus
-from bpo.errors import BpoError, InvalidConfigurationError, error_for_status
+from bpo.corpus.formats import CorpusError, builtin_dataset_path
+from bpo.errors import InvalidConfigurationError
 from bpo.messages import STAGE_NAMES, STAGE_VALUES
+from bpo.pipeline.client import corpus_entries, rpc_error, submit_requests
 from bpo.settings import BpoSettings
 from bpo.stack.supervisor import StackState
 from bpo.v1 import bpo_pb2 as pb
@@ -36,15 +35,7 @@ def jobs_stub(settings: BpoSettings) -> pb_grpc.JobsServiceStub:
     return pb_grpc.JobsServiceStub(grpc.insecure_channel(jobs_address(settings)))
 
 
-def _rpc_error(exc: grpc.RpcError) -> BpoError:
-    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
-    if code == "UNAVAILABLE":
-        details = f"{details} (is the platform up? `bpo up`)"
-    return error_for_status(code, details)
-
-
-def _endpoint(
+def endpoint(
     engine: str | None, model: str | None, url: str | None, key_env: str | None, tokens: int
 ) -> pb.ModelEndpoint:
     return pb.ModelEndpoint(
@@ -92,30 +83,19 @@ def submit(
         name=name or corpus.name,
         optimizer_model=optimizer_model or "",
         params=params,
-        target=_endpoint(target_engine, target_model, target_url, target_key_env, target_max_tokens),
-        judge=_endpoint(judge_engine, judge_model, judge_url, judge_key_env, judge_max_tokens),
+        target=endpoint(target_engine, target_model, target_url, target_key_env, target_max_tokens),
+        judge=endpoint(judge_engine, judge_model, judge_url, judge_key_env, judge_max_tokens),
         stages=[STAGE_VALUES[s] for s in wanted],
     )
 
-    def requests() -> Iterator[pb.SubmitJobRequest]:
-        yield pb.SubmitJobRequest(spec=spec)
-        for entry in islice(read_corpus(corpus, field), limit):
-            if isinstance(entry, CorpusError):
-                typer.secho(f"line {entry.line}: {entry.reason}", fg=typer.colors.YELLOW, err=True)
-                yield pb.SubmitJobRequest(rejected=pb.RejectedLine(line=entry.line, reason=entry.reason))
-            else:
-                yield pb.SubmitJobRequest(
-                    item=pb.PromptItem(
-                        source_id=entry.id, prompt=entry.prompt, context=entry.context or "",
-                        category=entry.category or "", line=entry.line,
-                    )
-                )  # fmt: skip
+    def report_bad_line(entry: CorpusError) -> None:
+        typer.secho(f"line {entry.line}: {entry.reason}", fg=typer.colors.YELLOW, err=True)
 
     stub = jobs_stub(settings)
     try:
-        reply = stub.SubmitJob(requests())
+        reply = stub.SubmitJob(submit_requests(spec, corpus_entries(corpus, field, limit), report_bad_line))
     except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
+        raise rpc_error(exc) from None
     typer.echo(reply.job_id)
     typer.secho(f"accepted {reply.accepted}, rejected {reply.rejected}, duplicates {reply.duplicates}", err=True)
     if wait:
@@ -139,7 +119,7 @@ def _watch(stub: pb_grpc.JobsServiceStub, job_id: str) -> pb.JobProgress:
                 bar.set_postfix(failed=stage.failed)
                 bar.refresh()
     except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
+        raise rpc_error(exc) from None
     finally:
         for bar in bars.values():
             bar.close()
@@ -159,7 +139,7 @@ def get(job_id: str) -> None:
     try:
         job = jobs_stub(BpoSettings()).GetJob(pb.GetJobRequest(job_id=job_id)).job
     except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
+        raise rpc_error(exc) from None
     typer.echo(json_format.MessageToJson(job, preserving_proto_field_name=True))
 
 
@@ -169,7 +149,7 @@ def cancel(job_id: str) -> None:
     try:
         job = jobs_stub(BpoSettings()).CancelJob(pb.CancelJobRequest(job_id=job_id)).job
     except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
+        raise rpc_error(exc) from None
     typer.echo(f"job {job_id}: {pb.JobState.Name(job.state)}")
 
 
@@ -177,7 +157,7 @@ def _print_report(stub: pb_grpc.JobsServiceStub, job_id: str, *, as_json: bool) 
     try:
         report = stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)).report
     except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
+        raise rpc_error(exc) from None
     if as_json:
         typer.echo(
             json_format.MessageToJson(
@@ -233,7 +213,7 @@ def export(
         for chunk in stub.ExportJob(pb.ExportJobRequest(job_id=job_id)):
             handle.write(chunk.item_json + "\n")
     except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
+        raise rpc_error(exc) from None
     finally:
         if out is not None:
             handle.close()

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from bpo.cli import jobs_cmd, models_cmd, optimize_cmd, pairs_cmd, stack_cmd, train_cmd
+from bpo.cli import eval_cmd, jobs_cmd, models_cmd, optimize_cmd, pairs_cmd, stack_cmd, train_cmd
 from bpo.errors import BpoError
 
 app = typer.Typer(
@@ -28,6 +28,8 @@ app.command("down")(stack_cmd.down)
 app.command("submit")(jobs_cmd.submit)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(pairs_cmd.app, name="pairs")
+app.command("eval")(eval_cmd.eval_)
+app.command("augment")(eval_cmd.augment)
 app.command("serve", hidden=True)(stack_cmd.serve)
 app.command("worker", hidden=True)(stack_cmd.worker)
 app.command("supervise", hidden=True)(stack_cmd.supervise)

@@ -2,7 +2,8 @@
 
 A job names where its target and judge run (an engine and model, or an OpenAI-compatible endpoint); the
 generator and judge services hold one engine per distinct endpoint. In-process models stay loaded; the
-number of in-process models held at once is bounded because each costs memory.
+number of in-process models held at once is bounded because each costs memory. Given a cache, every engine
+answers repeated greedy requests from it (``bpo/engines/cached.py``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bpo.engines.base import EngineClient
+from bpo.engines.cached import CachingEngine, CompletionCache
 from bpo.engines.factory import build_engine, resolve_spec
 from bpo.errors import InvalidConfigurationError
 from bpo.models.catalogue import ModelCatalogue
@@ -38,11 +41,15 @@ class EngineRegistry:
         preparer: ModelPreparer,
         *,
         max_in_process: int = 2,
+        cache: CompletionCache | None = None,
+        on_cache_lookup: Callable[[int, int], None] | None = None,
     ) -> None:
         self._base = base
         self._catalogue = catalogue
         self._preparer = preparer
         self._max_in_process = max_in_process
+        self._cache = cache
+        self._on_cache_lookup = on_cache_lookup
         self._engines: OrderedDict[EndpointKey, EngineClient] = OrderedDict()
         self._lock = asyncio.Lock()
 
@@ -74,6 +81,8 @@ class EngineRegistry:
             if key.engine != "openai":
                 await self._evict_in_process()
             engine = await asyncio.to_thread(build_engine, settings, spec, self._preparer)
+            if self._cache is not None:
+                engine = CachingEngine(engine, self._cache, self._on_cache_lookup)
             self._engines[key] = engine
             return engine
 

@@ -22,6 +22,7 @@ from bpo.judging.verdicts import ParsedVerdict, VerdictLetter, parse_pair_verdic
 from bpo.optimizer.prompting import reference_text
 
 JudgeTemplate = Literal["pair-v2", "ranking"]
+JUDGE_TEMPLATES: tuple[JudgeTemplate, ...] = ("pair-v2", "ranking")
 Winner = Literal["optimized", "original", "tie"]
 
 PAIR_V2_FILE = "judge_pair_v2.json"
@@ -58,17 +59,28 @@ class Judgement:
 
 @dataclass(frozen=True, slots=True)
 class PairVerdict:
-    """Both orders' judgements (optimized shown first, then second) and the verdict they add up to."""
+    """Both orders' judgements (optimized shown first, then second) and the verdict they add up to.
+
+    ``identical_answers``: the two answers were the same text, so the pair is a tie without a judge call
+    (no judgements, not counted for position consistency).
+    """
 
     winner: Winner
-    judgements: tuple[Judgement, Judgement]
+    judgements: tuple[Judgement, ...]
     position_consistent: bool
     tokens_in: int
     tokens_out: int
+    identical_answers: bool = False
 
     @property
     def unreadable_orders(self) -> int:
         return sum(not judgement.readable for judgement in self.judgements)
+
+
+# Two identical answers can only tie; asking a judge would cost two calls and could only add position bias.
+IDENTICAL_ANSWERS_VERDICT = PairVerdict(
+    winner="tie", judgements=(), position_consistent=False, tokens_in=0, tokens_out=0, identical_answers=True
+)
 
 
 def fill_slots(template: str, values: Mapping[str, str]) -> str:
@@ -152,24 +164,31 @@ class PairwiseJudge:
     async def judge_batch(self, items: Sequence[JudgeInput]) -> list[PairVerdict]:
         """Judge every item in both orders; all 2N requests go to the engine as one batch.
 
-        Raises ``InvalidPromptError`` before any call when an item does not fit the judge's context.
+        Raises ``InvalidPromptError`` before any call when an item does not fit the judge's context. A pair
+        of identical answers is a tie without a call (``PairVerdict.identical_answers``).
         """
         if not items:
             return []
         requests: list[GenerationRequest] = []
-        for position, item in enumerate(items):
+        judged = [item for item in items if item.optimized_answer != item.original_answer]
+        for position, item in enumerate(judged):
             requests.append(
                 self._request(position, self.messages_for(item.question, item.optimized_answer, item.original_answer))
             )
             requests.append(
                 self._request(position, self.messages_for(item.question, item.original_answer, item.optimized_answer))
             )
-        completions = await self.engine.generate(requests)
+        completions = await self.engine.generate(requests) if requests else []
         verdicts = []
-        for index, item in enumerate(items):
+        index = 0
+        for item in items:
+            if item.optimized_answer == item.original_answer:
+                verdicts.append(IDENTICAL_ANSWERS_VERDICT)
+                continue
             optimized_first = self._judgement(item, True, completions[2 * index])
             optimized_second = self._judgement(item, False, completions[2 * index + 1])
             verdicts.append(_combine(optimized_first, optimized_second))
+            index += 1
         return verdicts
 
 

@@ -9,6 +9,7 @@ from threading import Lock
 from bpo.engines.factory import ENGINE_NAMES
 from bpo.engines.registry import EndpointKey
 from bpo.errors import InvalidConfigurationError, JobNotFoundError
+from bpo.judging.pairwise import JUDGE_TEMPLATES, JudgeTemplate
 from bpo.messages import ALL_STAGES, STAGE_NAMES, from_json, params_from_proto
 from bpo.optimizer.optimizer import OptimizeParams
 from bpo.settings import PlatformSettings
@@ -30,6 +31,7 @@ class ResolvedJob:
     target_max_new_tokens: int
     judge: EndpointKey
     judge_max_new_tokens: int
+    judge_template: JudgeTemplate = "pair-v2"
 
     def next_stage(self, stage: str) -> str | None:
         index = self.stages.index(stage)
@@ -68,6 +70,15 @@ def endpoint_key(endpoint: pb.ModelEndpoint, default_engine: str, default_model:
     )
 
 
+def judge_template_of(name: str) -> JudgeTemplate:
+    """An empty name is the paper's GPT-4 protocol, pair-v2."""
+    if not name:
+        return "pair-v2"
+    if name not in JUDGE_TEMPLATES:
+        raise InvalidConfigurationError(f"unknown judge template {name!r}; choose one of {', '.join(JUDGE_TEMPLATES)}")
+    return name
+
+
 def resolve(job: JobRow, platform: PlatformSettings, defaults: OptimizeParams | None = None) -> ResolvedJob:
     """``defaults`` are the deployment's optimizer settings: a job that names no parameter gets them, exactly
     as a synchronous Optimize call does, so both share rewrite-cache entries."""
@@ -82,6 +93,7 @@ def resolve(job: JobRow, platform: PlatformSettings, defaults: OptimizeParams | 
         target_max_new_tokens=spec.target.max_new_tokens or DEFAULT_ANSWER_TOKENS,
         judge=endpoint_key(spec.judge, platform.judge_engine, platform.judge_model),
         judge_max_new_tokens=spec.judge.max_new_tokens or DEFAULT_JUDGE_TOKENS,
+        judge_template=judge_template_of(spec.judge_template),
     )
 
 

@@ -16,6 +16,7 @@ def build_report(job: pb.Job, rows: dict[str, Any]) -> pb.JobReport:
     totals = rows["totals"]
     judged = int(totals["judged"])
     wins, ties, losses = int(totals["wins"]), int(totals["ties"]), int(totals["losses"])
+    identical = int(totals["identical_answers"])
     report = pb.JobReport(
         job=job,
         items=int(totals["items"]),
@@ -30,7 +31,9 @@ def build_report(job: pb.Job, rows: dict[str, Any]) -> pb.JobReport:
         tie_rate=_rate(ties, judged),
         lose_rate=_rate(losses, judged),
         delta_wr=_rate(wins - losses, judged),
-        position_consistency=_rate(int(totals["consistent"]), judged),
+        # Identical answers tie without a judge call: they say nothing about the judge's position bias.
+        position_consistency=_rate(int(totals["consistent"]), judged - identical),
+        identical_answers=identical,
         failed=len(rows["failures"]),
     )
     for row in rows["categories"]:

@@ -1,4 +1,4 @@
-"""The one store: jobs, items and their stage outputs, the rewrite cache, the model registry.
+"""The one store: jobs, items and their stage outputs, the rewrite and completion caches, the model registry.
 
 Every stage write is keyed by (item, stage) and happens once: ``UPDATE ... WHERE <output> IS NULL``. A
 redelivered message therefore never duplicates or overwrites a result; the stage re-reads the stored output
@@ -8,14 +8,15 @@ and forwards that instead.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from bpo.engines.base import Completion
 from bpo.messages import ALL_STAGES
 
 Pool = ConnectionPool[Connection[dict[str, Any]]]
@@ -296,6 +297,7 @@ class PipelineStore:
                 " count(*) FILTER (WHERE winner = 'tie') AS ties,"
                 " count(*) FILTER (WHERE winner = 'original') AS losses,"
                 " count(*) FILTER (WHERE (verdict->>'position_consistent')::boolean) AS consistent,"
+                " count(*) FILTER (WHERE (verdict->>'identical_answers')::boolean) AS identical_answers,"
                 " coalesce(sum(rewrite_tokens_in), 0) AS rewrite_in,"
                 " coalesce(sum(rewrite_tokens_out), 0) AS rewrite_out,"
                 " coalesce(sum(target_tokens_in), 0) AS target_in, coalesce(sum(target_tokens_out), 0) AS target_out,"
@@ -337,6 +339,27 @@ class PipelineStore:
                 "INSERT INTO rewrite_cache (prompt_hash, model_version, params_hash, rewrite)"
                 " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 (prompt_hash, model_version, params_hash, Jsonb(rewrite)),
+            )
+
+    # -- completion cache (greedy target and judge calls) --------------------------------------------------
+
+    def cached_completions(self, keys: Sequence[str]) -> dict[str, Completion]:
+        if not keys:
+            return {}
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "UPDATE completion_cache SET hits = hits + 1 WHERE key = ANY(%s) RETURNING key, completion",
+                (list(keys),),
+            ).fetchall()
+        return {row["key"]: Completion(**row["completion"]) for row in rows}
+
+    def cache_completions(self, model: str, entries: Mapping[str, Completion]) -> None:
+        if not entries:
+            return
+        with self._pool.connection() as conn:
+            conn.cursor().executemany(
+                "INSERT INTO completion_cache (key, model, completion) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                [(key, model, Jsonb(asdict(completion))) for key, completion in entries.items()],
             )
 
     # -- model registry ----------------------------------------------------------------------------------

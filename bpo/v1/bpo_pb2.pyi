@@ -307,11 +307,17 @@ class Verdict(_message.Message):
     TOKENS_IN_FIELD_NUMBER: _builtins.int
     TOKENS_OUT_FIELD_NUMBER: _builtins.int
     POSITION_CONSISTENT_FIELD_NUMBER: _builtins.int
+    IDENTICAL_ANSWERS_FIELD_NUMBER: _builtins.int
+    JUDGE_TEMPLATE_FIELD_NUMBER: _builtins.int
     winner: Global___Winner.ValueType
     judge_model: _builtins.str
     tokens_in: _builtins.int
     tokens_out: _builtins.int
     position_consistent: _builtins.bool
+    identical_answers: _builtins.bool
+    """The two answers were the same text: a tie without a judge call (no judgements)."""
+    judge_template: _builtins.str
+    """The judge prompt used: "pair-v2" or "ranking"."""
     @_builtins.property
     def answers(self) -> Global___AnswerPair: ...
     @_builtins.property
@@ -326,10 +332,12 @@ class Verdict(_message.Message):
         tokens_in: _builtins.int = ...,
         tokens_out: _builtins.int = ...,
         position_consistent: _builtins.bool = ...,
+        identical_answers: _builtins.bool = ...,
+        judge_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "judge_model", b"judge_model", "judgements", b"judgements", "position_consistent", b"position_consistent", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out", "winner", b"winner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "identical_answers", b"identical_answers", "judge_model", b"judge_model", "judge_template", b"judge_template", "judgements", b"judgements", "position_consistent", b"position_consistent", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out", "winner", b"winner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -548,6 +556,9 @@ class JudgeRequest(_message.Message):
 
     ANSWERS_FIELD_NUMBER: _builtins.int
     JUDGE_FIELD_NUMBER: _builtins.int
+    JUDGE_TEMPLATE_FIELD_NUMBER: _builtins.int
+    judge_template: _builtins.str
+    """The judge prompt: "pair-v2" (MT-bench, the default) or "ranking" (AlpacaEval style)."""
     @_builtins.property
     def answers(self) -> Global___AnswerPair: ...
     @_builtins.property
@@ -557,10 +568,11 @@ class JudgeRequest(_message.Message):
         *,
         answers: Global___AnswerPair | None = ...,
         judge: Global___ModelEndpoint | None = ...,
+        judge_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "judge", b"judge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "judge", b"judge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "judge", b"judge", "judge_template", b"judge_template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -596,8 +608,11 @@ class JobSpec(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     JUDGE_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
+    JUDGE_TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     optimizer_model: _builtins.str
+    judge_template: _builtins.str
+    """The judge prompt: "pair-v2" (MT-bench, the default) or "ranking" (AlpacaEval style)."""
     @_builtins.property
     def params(self) -> Global___OptimizeParams: ...
     @_builtins.property
@@ -617,10 +632,11 @@ class JobSpec(_message.Message):
         target: Global___ModelEndpoint | None = ...,
         judge: Global___ModelEndpoint | None = ...,
         stages: _abc.Iterable[Global___Stage.ValueType] | None = ...,
+        judge_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["judge", b"judge", "params", b"params", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["judge", b"judge", "name", b"name", "optimizer_model", b"optimizer_model", "params", b"params", "stages", b"stages", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["judge", b"judge", "judge_template", b"judge_template", "name", b"name", "optimizer_model", b"optimizer_model", "params", b"params", "stages", b"stages", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1037,6 +1053,7 @@ class JobReport(_message.Message):
     FAILURES_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     POSITION_CONSISTENCY_FIELD_NUMBER: _builtins.int
+    IDENTICAL_ANSWERS_FIELD_NUMBER: _builtins.int
     items: _builtins.int
     rewritten: _builtins.int
     kept_original: _builtins.int
@@ -1051,6 +1068,8 @@ class JobReport(_message.Message):
     delta_wr: _builtins.float
     failed: _builtins.int
     position_consistency: _builtins.float
+    identical_answers: _builtins.int
+    """Judged items whose two answers were identical: ties without a judge call, outside position_consistency."""
     @_builtins.property
     def job(self) -> Global___Job: ...
     @_builtins.property
@@ -1080,10 +1099,11 @@ class JobReport(_message.Message):
         failures: _abc.Iterable[Global___ItemFailure] | None = ...,
         failed: _builtins.int = ...,
         position_consistency: _builtins.float = ...,
+        identical_answers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "categories", b"categories", "delta_wr", b"delta_wr", "failed", b"failed", "failures", b"failures", "items", b"items", "job", b"job", "judged", b"judged", "kept_original", b"kept_original", "lose_rate", b"lose_rate", "losses", b"losses", "position_consistency", b"position_consistency", "rewritten", b"rewritten", "tie_rate", b"tie_rate", "ties", b"ties", "tokens", b"tokens", "win_rate", b"win_rate", "wins", b"wins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "categories", b"categories", "delta_wr", b"delta_wr", "failed", b"failed", "failures", b"failures", "identical_answers", b"identical_answers", "items", b"items", "job", b"job", "judged", b"judged", "kept_original", b"kept_original", "lose_rate", b"lose_rate", "losses", b"losses", "position_consistency", b"position_consistency", "rewritten", b"rewritten", "tie_rate", b"tie_rate", "ties", b"ties", "tokens", b"tokens", "win_rate", b"win_rate", "wins", b"wins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,7 +21,13 @@ SERVICE = bpo_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
 
 async def build(runtime: Runtime) -> ServiceParts:
     settings = runtime.settings
-    engines = EngineRegistry(settings.engine, ModelCatalogue(), ModelPreparer(settings.models_dir))
+    engines = EngineRegistry(
+        settings.engine,
+        ModelCatalogue(),
+        ModelPreparer(settings.models_dir),
+        cache=runtime.store if settings.platform.completion_cache else None,
+        on_cache_lookup=runtime.metrics.record_completion_cache,
+    )
     runtime.closers.append(engines.aclose)
     servicer = JudgeServicer(engines, settings.platform)
 

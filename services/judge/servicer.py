@@ -6,7 +6,7 @@ from bpo.engines.registry import EngineRegistry
 from bpo.errors import InvalidPromptError
 from bpo.grpc_server import ServicerContext
 from bpo.judging.pairwise import JudgeInput, PairwiseJudge
-from bpo.pipeline.jobspec import DEFAULT_JUDGE_TOKENS, endpoint_key
+from bpo.pipeline.jobspec import DEFAULT_JUDGE_TOKENS, endpoint_key, judge_template_of
 from bpo.settings import PlatformSettings
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
@@ -26,7 +26,8 @@ class JudgeServicer(pb_grpc.JudgeServiceServicer):
             raise InvalidPromptError("answers.rewrite.item.prompt (the question) is empty")
         key = endpoint_key(request.judge, self._platform.judge_engine, self._platform.judge_model)
         engine = await self._engines.get(key)
-        judge = PairwiseJudge(engine, max_new_tokens=request.judge.max_new_tokens or DEFAULT_JUDGE_TOKENS)
+        template = judge_template_of(request.judge_template)
+        judge = PairwiseJudge(engine, template, max_new_tokens=request.judge.max_new_tokens or DEFAULT_JUDGE_TOKENS)
         item = JudgeInput(question_of(answers.rewrite.item), answers.original_answer, answers.optimized_answer)
         (verdict,) = await judge.judge_batch([item])
-        return pb.JudgeResponse(verdict=verdict_message(answers, verdict, engine.identity.name))
+        return pb.JudgeResponse(verdict=verdict_message(answers, verdict, engine.identity.name, template))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from google.protobuf.message import Message
 
 from bpo.engines.registry import EndpointKey, EngineRegistry
-from bpo.judging.pairwise import JudgeInput, PairVerdict, PairwiseJudge
+from bpo.judging.pairwise import JudgeInput, JudgeTemplate, PairVerdict, PairwiseJudge
 from bpo.messages import WINNER_NAMES, WINNER_VALUES, from_json, to_json
 from bpo.pipeline.stage import Stage, StageContext, Work
 from bpo.v1 import bpo_pb2 as pb
@@ -19,7 +19,9 @@ def question_of(item: pb.PromptItem) -> str:
     return f"{item.prompt}\n{item.context}" if item.context else item.prompt
 
 
-def verdict_message(answers: pb.AnswerPair, verdict: PairVerdict, judge_model: str) -> pb.Verdict:
+def verdict_message(
+    answers: pb.AnswerPair, verdict: PairVerdict, judge_model: str, judge_template: JudgeTemplate
+) -> pb.Verdict:
     judgements = [
         pb.Judgement(
             optimized_first=j.optimized_first,
@@ -37,6 +39,8 @@ def verdict_message(answers: pb.AnswerPair, verdict: PairVerdict, judge_model: s
         tokens_in=verdict.tokens_in,
         tokens_out=verdict.tokens_out,
         position_consistent=verdict.position_consistent,
+        identical_answers=verdict.identical_answers,
+        judge_template=judge_template,
     )
 
 
@@ -58,19 +62,19 @@ class JudgeStage(Stage[pb.AnswerPair]):
         return from_json(stored, pb.Verdict)
 
     async def process(self, work: Sequence[Work[pb.AnswerPair]]) -> list[tuple[Work[pb.AnswerPair], Exception]]:
-        groups: dict[tuple[EndpointKey, int], list[Work[pb.AnswerPair]]] = {}
+        groups: dict[tuple[EndpointKey, int, JudgeTemplate], list[Work[pb.AnswerPair]]] = {}
         for w in work:
-            groups.setdefault((w.job.judge, w.job.judge_max_new_tokens), []).append(w)
-        for (judge_key, max_new_tokens), members in groups.items():
+            groups.setdefault((w.job.judge, w.job.judge_max_new_tokens, w.job.judge_template), []).append(w)
+        for (judge_key, max_new_tokens, template), members in groups.items():
             engine = await self._engines.get(judge_key)
-            judge = PairwiseJudge(engine, max_new_tokens=max_new_tokens)
+            judge = PairwiseJudge(engine, template, max_new_tokens=max_new_tokens)
             inputs = [
                 JudgeInput(question_of(w.payload.rewrite.item), w.payload.original_answer, w.payload.optimized_answer)
                 for w in members
             ]
             verdicts = await judge.judge_batch(inputs)
             for w, verdict in zip(members, verdicts, strict=True):
-                message = verdict_message(w.payload, verdict, engine.identity.name)
+                message = verdict_message(w.payload, verdict, engine.identity.name, template)
                 self.ctx.metrics.tokens.labels("judge", "in").inc(message.tokens_in)
                 self.ctx.metrics.tokens.labels("judge", "out").inc(message.tokens_out)
                 await asyncio.to_thread(self._store_and_forward, w, message)

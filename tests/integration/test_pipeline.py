@@ -243,6 +243,83 @@ def test_twenty_prompts_through_every_stage(stack: dict[str, str], tmp_path: Pat
     assert "ΔWR" in text.stdout
 
 
+EVAL_PROMPTS = [
+    ("Explain the water cycle.", "science"),
+    ("Write a haiku about autumn.", "writing"),
+    ("Give me three tips for learning a new language.", "advice"),
+    ("Why is the sky blue?", "science"),
+    ("Describe a healthy breakfast.", "advice"),
+    ("Suggest a name for a pet cat.", "writing"),
+]
+
+
+def test_eval_through_the_platform_writes_a_complete_report(stack: dict[str, str], tmp_path: Path) -> None:
+    corpus = tmp_path / "six.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": f"e{i}", "prompt": p, "category": c}) + "\n" for i, (p, c) in enumerate(EVAL_PROMPTS))
+    )
+    out = tmp_path / "report"
+    args = ["eval", "--set", str(corpus), "--rounds", "2", "--ablation", "no-feedback", "--ablation-model", MODEL,
+            "--optimizer", MODEL, "--target", MODEL, "--judge", MODEL, "--target-max-tokens", "40",
+            "--judge-max-tokens", "48", "--bootstrap", "200", "--out", str(out)]  # fmt: skip
+    result = bpo(stack, *args)
+    assert result.returncode == 0, result.stderr + _logs(stack)
+    assert "| six |" in result.stdout  # the summary table is printed
+
+    report = json.loads((out / "report.json").read_text())
+    comparisons = report["comparisons"]
+    assert [(c["variant"], c["rounds"]) for c in comparisons] == [
+        ("bpo", 1), ("bpo", 2), ("no-feedback", 1), ("no-feedback", 2)
+    ]  # fmt: skip
+    for comparison in comparisons:
+        summary = comparison["summary"]
+        assert summary["n"] == 6 and comparison["failed"] == 0
+        assert summary["wins"] + summary["ties"] + summary["losses"] == 6
+        low, high = summary["delta_wr_ci"]
+        assert -1.0 <= low <= summary["delta_wr"] <= high <= 1.0
+        assert {c["category"] for c in comparison["categories"]} == {"science", "writing", "advice"}
+        assert len(comparison["items"]) == 6
+        assert all(item["optimized_prompt"] for item in comparison["items"])
+    assert report["rounds"]  # ΔWR per round for each variant
+    for name in ("report.md", "win_tie_lose.png", "delta_wr_by_round.png", "length_strata.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "win_tie_lose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Every judged pair is stored with the judge's reasoning, in both orders unless the answers were identical.
+    plan = json.loads((out / "plan.json").read_text())
+    for row in verdict_rows(stack, plan["jobs"][0]["job"]["job_id"]):
+        verdict = row["verdict"]
+        assert verdict["judge_template"] == "pair-v2"
+        if verdict.get("identical_answers"):
+            assert not verdict.get("judgements")
+        else:
+            assert [j["optimized_first"] for j in verdict["judgements"]] == [True, False]
+            assert all(j["reasoning"] for j in verdict["judgements"])
+
+    # Running it again with the same folder reuses the finished jobs instead of submitting new ones.
+    again = bpo(stack, *args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "plan.json").read_text()) == plan
+
+
+def test_augment_writes_alpaca_records(stack: dict[str, str], tmp_path: Path) -> None:
+    dataset = tmp_path / "alpaca.json"
+    dataset.write_text(json.dumps([
+        {"instruction": "Summarize the text in one sentence.", "input": "Cats sleep a lot. They nap in the sun.",
+         "output": "old"},
+        {"instruction": "Name a primary colour.", "input": "", "output": "old"},
+        {"instruction": "", "input": "", "output": "no instruction: rejected with its reason"},
+    ]))  # fmt: skip
+    out = tmp_path / "augmented.jsonl"
+    result = bpo(stack, "augment", str(dataset), "--model", MODEL, "--max-tokens", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr + _logs(stack)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"output": str(out), "written": 2, "failed": 1}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["instruction"] for r in records] == ["Summarize the text in one sentence.", "Name a primary colour."]
+    assert records[0]["input"] == "Cats sleep a lot. They nap in the sun."
+    assert all(r["output"] and r["optimized_instruction"] and r["original_output"] for r in records)
+
+
 def _kill_when_busy(env: dict[str, str], process_name: str, job_id: str, stage_column: str, at_least: int) -> None:
     """SIGKILL one platform process (its whole group) once the job is under way in the stage before it."""
     deadline = time.monotonic() + 600

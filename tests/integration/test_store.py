@@ -12,6 +12,7 @@ import pytest
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
+from bpo.engines.base import Completion
 from bpo.messages import prompt_hash
 from bpo.pipeline.report import build_report
 from bpo.store.db import migrate, migration_scripts, open_pool
@@ -404,6 +405,15 @@ def test_rewrite_cache(db: Db) -> None:
 
 
 # -- model registry -----------------------------------------------------------------------------------------
+
+
+def test_completion_cache(store: PipelineStore) -> None:
+    first = Completion("an answer", prompt_tokens=12, completion_tokens=3, finish_reason="stop", latency_s=0.5)
+    other = Completion("cut", prompt_tokens=9, completion_tokens=64, finish_reason="length", latency_s=1.5)
+    assert store.cached_completions([]) == {} and store.cached_completions(["k1"]) == {}
+    store.cache_completions("model-a", {"k1": first, "k2": other})
+    store.cache_completions("model-a", {"k1": other})  # the first write stays
+    assert store.cached_completions(["k1", "k2", "k3"]) == {"k1": first, "k2": other}
 
 
 def test_registry_and_aliases(db: Db) -> None:

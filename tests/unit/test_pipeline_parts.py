@@ -255,7 +255,9 @@ def test_job_lookup_caches_briefly_and_reports_unknown_jobs() -> None:
 # -- reports ------------------------------------------------------------------------------------------------
 
 
-def report_rows(wins: int, ties: int, losses: int, *, consistent: int = 0, extra: int = 0) -> dict[str, Any]:
+def report_rows(
+    wins: int, ties: int, losses: int, *, consistent: int = 0, extra: int = 0, identical: int = 0
+) -> dict[str, Any]:
     judged = wins + ties + losses
     totals = {
         "items": judged + extra,
@@ -267,6 +269,7 @@ def report_rows(wins: int, ties: int, losses: int, *, consistent: int = 0, extra
         "ties": ties,
         "losses": losses,
         "consistent": consistent,
+        "identical_answers": identical,
         "rewrite_in": 1,
         "rewrite_out": 2,
         "target_in": 3,
@@ -308,6 +311,13 @@ def test_build_report_rates_and_delta_wr() -> None:
         ("i9", 9, pb.STAGE_JUDGE, "judge down"),
         ("", 11, pb.STAGE_UNSPECIFIED, "not JSON"),
     ]
+
+
+def test_identical_answers_are_left_out_of_position_consistency() -> None:
+    report = build_report(pb.Job(), report_rows(2, 4, 0, consistent=2, identical=2))
+    assert report.identical_answers == 2
+    assert report.position_consistency == pytest.approx(0.5)  # 2 consistent of the 4 the judge saw
+    assert report.tie_rate == pytest.approx(4 / 6)  # identical answers still count as ties
 
 
 def test_build_report_with_nothing_judged() -> None:

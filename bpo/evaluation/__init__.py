@@ -1,0 +1,1 @@
+"""Evaluation of optimized prompts: per-item outcomes, statistics and reports."""
