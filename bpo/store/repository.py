@@ -393,8 +393,15 @@ class PipelineStore:
             )
 
     def resolve_alias(self, alias: str) -> tuple[str, str] | None:
+        """(name, version) an alias points at; a registered optimizer's own name stands for its newest version."""
         with self._pool.connection() as conn:
-            row = conn.execute("SELECT name, version FROM model_aliases WHERE alias = %s", (alias,)).fetchone()
+            row = conn.execute(
+                "SELECT name, version FROM ("
+                " SELECT 0 AS rank, a.name, a.version, now() AS created_at FROM model_aliases a WHERE a.alias = %s"
+                " UNION ALL SELECT 1, name, version, created_at FROM model_registry WHERE name = %s"
+                ") AS found ORDER BY rank, created_at DESC LIMIT 1",
+                (alias, alias),
+            ).fetchone()
         return (row["name"], row["version"]) if row is not None else None
 
 

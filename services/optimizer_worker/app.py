@@ -111,7 +111,8 @@ class AliasWatch:
 
 
 class RegistryAliases:
-    """Aliases from the platform's model registry (``model_aliases`` joined to ``model_registry``).
+    """Aliases from the platform's model registry (``model_aliases`` joined to ``model_registry``), and the names
+    of registered optimizers, each of which follows its newest version as an alias would.
 
     One connection per process, opened on first use: a libpq connection must not cross a fork, and a pool
     process that inherited one would share its socket with every sibling."""
@@ -126,10 +127,14 @@ class RegistryAliases:
             self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
             self._pid = os.getpid()
         try:
+            # An alias first; else a registered optimizer's own name, which stands for its newest version.
             row = self._conn.execute(
-                "SELECT a.name, a.version, r.source FROM model_aliases a"
-                " JOIN model_registry r ON r.name = a.name AND r.version = a.version WHERE a.alias = %s",
-                (alias,),
+                "SELECT name, version, source FROM ("
+                " SELECT 0 AS rank, a.name, a.version, r.source, r.created_at FROM model_aliases a"
+                " JOIN model_registry r ON r.name = a.name AND r.version = a.version WHERE a.alias = %s"
+                " UNION ALL SELECT 1, name, version, source, created_at FROM model_registry WHERE name = %s"
+                ") AS found ORDER BY rank, created_at DESC LIMIT 1",
+                (alias, alias),
             ).fetchone()
         except psycopg.Error:
             # A broken connection is replaced on the next check instead of failing every later one.

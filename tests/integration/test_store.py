@@ -429,6 +429,10 @@ def test_registry_and_aliases(db: Db) -> None:
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         store.set_alias("staging", "bpo-opt", "3")
     assert store.resolve_alias("staging") is None
+    # A registered name stands for its newest version; an alias of the same name would win.
+    assert store.resolve_alias("bpo-opt") == ("bpo-opt", "2")
+    store.set_alias("bpo-opt", "bpo-opt", "1")
+    assert store.resolve_alias("bpo-opt") == ("bpo-opt", "1")
     with psycopg.connect(db.url) as conn:
         row = conn.execute("SELECT source, metrics FROM model_registry WHERE name = 'bpo-opt' AND version = '1'")
         assert row.fetchone() == ("re-evaluated", {"delta_wr": 0.2})

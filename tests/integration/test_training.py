@@ -150,6 +150,9 @@ def test_ten_steps_on_twenty_pairs_lower_the_loss_and_register_the_version(train
         assert resolved is not None and (resolved.name, resolved.version) == (OUT, trained.version)
         assert resolved.location == str(trained.run_dir)
         assert aliases.resolve("no-such-alias") is None
+        # The optimizer's own name serves its newest version, as an alias would.
+        by_name = aliases.resolve(OUT)
+        assert by_name is not None and (by_name.name, by_name.version) == (OUT, trained.version)
     finally:
         aliases.close()
 
