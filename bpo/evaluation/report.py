@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +27,10 @@ from bpo.evaluation.stats import (
     LONGER_ABOVE,
     SHORTER_BELOW,
     STRATA,
-    CategorySummary,
     Interval,
     LengthControl,
     LengthStats,
+    Outcomes,
     Summary,
     by_category,
     length_controlled,
@@ -103,7 +103,7 @@ class ComparisonStats:
 
     comparison: Comparison
     summary: Summary
-    categories: tuple[CategorySummary, ...]
+    categories: Mapping[str, Outcomes]
     lengths: LengthStats
     length_control: LengthControl
     label: str = ""
@@ -121,7 +121,7 @@ def comparison_stats(
     return ComparisonStats(
         comparison=comparison,
         summary=summarize(items, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence),
-        categories=tuple(by_category(items, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence)),
+        categories=by_category(items, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence),
         lengths=length_stats(items),
         length_control=length_controlled(items, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence),
         label=label or _base_label(comparison),
@@ -211,7 +211,7 @@ def _comparison_dict(s: ComparisonStats) -> dict[str, Any]:
         "failed": c.failed,
         "failures": list(c.failures),
         "summary": s.summary.to_dict(),
-        "categories": [category.to_dict() for category in s.categories],
+        "categories": [{"category": name, **category.to_dict()} for name, category in s.categories.items()],
         "lengths": s.lengths.to_dict(),
         "length_control": s.length_control.to_dict(),
         "items": [_item_dict(item) for item in c.items],
@@ -287,6 +287,18 @@ def _count_pct(count: int, n: int) -> str:
     return f"{count} ({_pct(count / n if n else 0.0)})"
 
 
+def _outcome_cells(outcomes: Outcomes) -> tuple[object, ...]:
+    """The n, win, tie, lose and ΔWR columns of a group of items."""
+    n = outcomes.n
+    return (
+        n,
+        _count_pct(outcomes.wins, n),
+        _count_pct(outcomes.ties, n),
+        _count_pct(outcomes.losses, n),
+        _delta_ci(outcomes.delta_wr, outcomes.delta_wr_ci),
+    )
+
+
 def _cell(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
@@ -311,7 +323,7 @@ def _lc_text(control: LengthControl) -> str:
     if control.length_controlled_delta_wr is None or control.length_controlled_ci is None:
         return "—"
     delta = _delta_ci(control.length_controlled_delta_wr, control.length_controlled_ci)
-    return f"{delta}, n={control.stratum('similar').n}"
+    return f"{delta}, n={control.strata['similar'].n}"
 
 
 def _correlation_text(value: float | None) -> str:
@@ -323,7 +335,7 @@ def _caveats(boot: _Bootstrap, stats: Sequence[ComparisonStats]) -> list[str]:
     caveats = []
     for s in stats:
         summary, c = s.summary, s.comparison
-        if summary.n == 0:
+        if summary.outcomes.n == 0:
             caveats.append(f"{s.label}: no judged items, so nothing can be concluded from it.")
             continue
         consistency = summary.position_consistency
@@ -333,10 +345,10 @@ def _caveats(boot: _Bootstrap, stats: Sequence[ComparisonStats]) -> list[str]:
                 "of the items it read, so the judge is unreliable here: most of its verdicts are position effects "
                 "(they count as ties), and ΔWR says little about the prompts."
             )
-        low, high = summary.delta_wr_ci
-        if summary.n < FEW_ITEMS:
+        low, high = summary.outcomes.delta_wr_ci
+        if summary.outcomes.n < FEW_ITEMS:
             caveats.append(
-                f"{s.label}: only {summary.n} items, so the CI is wide ({conf} CI spans "
+                f"{s.label}: only {summary.outcomes.n} items, so the CI is wide ({conf} CI spans "
                 f"{100 * (high - low):.1f} points)."
             )
         if low <= 0.0 <= high:
@@ -382,13 +394,9 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
                 s.comparison.set_name,
                 s.comparison.variant,
                 s.comparison.rounds,
-                s.summary.n,
-                _count_pct(s.summary.wins, s.summary.n),
-                _count_pct(s.summary.ties, s.summary.n),
-                _count_pct(s.summary.losses, s.summary.n),
-                _delta_ci(s.summary.delta_wr, s.summary.delta_wr_ci),
+                *_outcome_cells(s.summary.outcomes),
                 "—" if s.summary.position_consistency is None else _pct(s.summary.position_consistency),
-                _count_pct(s.summary.unchanged_prompts, s.summary.n),
+                _count_pct(s.summary.unchanged_prompts, s.summary.outcomes.n),
                 _lc_text(s.length_control),
             )
             for s in stats
@@ -409,17 +417,7 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
         lines += ["", "## Categories"]
         for s in stats:
             lines += ["", f"### {s.label}", ""]
-            rows = [
-                (
-                    category.category,
-                    category.n,
-                    _count_pct(category.wins, category.n),
-                    _count_pct(category.ties, category.n),
-                    _count_pct(category.losses, category.n),
-                    _delta_ci(category.delta_wr, category.delta_wr_ci),
-                )
-                for category in s.categories
-            ]
+            rows = [(name, *_outcome_cells(category)) for name, category in s.categories.items()]
             header = ("category", "n", "win", "tie", "lose", f"ΔWR [{conf} CI]")
             lines += _table(header, rows) if rows else ["No items."]
 
@@ -454,7 +452,7 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
         for s in stats:
             cells: list[object] = [s.label]
             for name in STRATA:
-                stratum = s.length_control.stratum(name)
+                stratum = s.length_control.strata[name]
                 cells.append(
                     f"{_delta_ci(stratum.delta_wr, stratum.delta_wr_ci)} (n={stratum.n})" if stratum.n else "— (n=0)"
                 )
@@ -471,8 +469,8 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
                 set_name,
                 variant,
                 s.comparison.rounds,
-                s.summary.n,
-                _delta_ci(s.summary.delta_wr, s.summary.delta_wr_ci),
+                s.summary.outcomes.n,
+                _delta_ci(s.summary.outcomes.delta_wr, s.summary.outcomes.delta_wr_ci),
                 _pct(s.summary.unchanged_rate),
                 "—" if s.comparison.kept_by_last_round is None else _pct(s.comparison.kept_by_last_round),
             )
@@ -536,9 +534,9 @@ def _chart_win_tie_lose(stats: Sequence[ComparisonStats], conf: str, path: Path)
 
     k = len(stats)
     y = np.arange(k)
-    win = np.array([100 * s.summary.win_rate for s in stats])
-    tie = np.array([100 * s.summary.tie_rate for s in stats])
-    lose = np.array([100 * s.summary.lose_rate for s in stats])
+    win = np.array([100 * s.summary.outcomes.win_rate for s in stats])
+    tie = np.array([100 * s.summary.outcomes.tie_rate for s in stats])
+    lose = np.array([100 * s.summary.outcomes.lose_rate for s in stats])
     fig, (bars, delta) = plt.subplots(
         1, 2, sharey=True, figsize=(11, 1.6 + 0.5 * k), gridspec_kw={"width_ratios": [3, 1.5]}, layout="constrained"
     )
@@ -561,9 +559,9 @@ def _chart_win_tie_lose(stats: Sequence[ComparisonStats], conf: str, path: Path)
                         color="white" if name != "tie" else "black",
                     )
         for row, s in enumerate(stats):
-            if s.summary.n == 0:
+            if s.summary.outcomes.n == 0:
                 bars.text(1, row, "no items", va="center", fontsize=8)
-        bars.set_yticks(y, [f"{s.label} (n={s.summary.n})" for s in stats])
+        bars.set_yticks(y, [f"{s.label} (n={s.summary.outcomes.n})" for s in stats])
         bars.set_xlim(0, 100)
         bars.set_xlabel("share of items (%)")
         bars.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
@@ -571,12 +569,12 @@ def _chart_win_tie_lose(stats: Sequence[ComparisonStats], conf: str, path: Path)
 
         delta.axvline(0, color="#555555", linestyle="--", linewidth=1)
         for row, s in enumerate(stats):
-            if s.summary.n == 0:
+            if s.summary.outcomes.n == 0:
                 continue
-            point = 100 * s.summary.delta_wr
-            low, high = _error(s.summary.delta_wr, s.summary.delta_wr_ci)
+            point = 100 * s.summary.outcomes.delta_wr
+            low, high = _error(s.summary.outcomes.delta_wr, s.summary.outcomes.delta_wr_ci)
             delta.errorbar(point, row, xerr=[[low], [high]], fmt="o", color="black", capsize=3)
-            text = _delta_ci(s.summary.delta_wr, s.summary.delta_wr_ci)
+            text = _delta_ci(s.summary.outcomes.delta_wr, s.summary.outcomes.delta_wr_ci)
             delta.annotate(text, (point, row), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
         delta.set_xlabel(f"ΔWR (points, {conf} CI)")
         delta.grid(axis="x", alpha=0.3)
@@ -597,8 +595,8 @@ def _chart_rounds(series: Sequence[tuple[str, str, list[ComparisonStats]]], conf
         for index, (set_name, variant, group) in enumerate(series):
             offset = (index - (len(series) - 1) / 2) * spread
             xs = [s.comparison.rounds + offset for s in group]
-            ys = [100 * s.summary.delta_wr for s in group]
-            errors = [_error(s.summary.delta_wr, s.summary.delta_wr_ci) for s in group]
+            ys = [100 * s.summary.outcomes.delta_wr for s in group]
+            errors = [_error(s.summary.outcomes.delta_wr, s.summary.outcomes.delta_wr_ci) for s in group]
             ax.errorbar(
                 xs,
                 ys,
@@ -638,7 +636,7 @@ def _chart_strata(stats: Sequence[ComparisonStats], conf: str, path: Path) -> Pa
             heights: list[float] = []
             errors: list[tuple[float, float]] = []
             for i, s in enumerate(stats):
-                stratum = s.length_control.stratum(name)
+                stratum = s.length_control.strata[name]
                 x = i + (j - (len(STRATA) - 1) / 2) * width
                 if stratum.n == 0:
                     _annotate_n(ax, x, 0.0, 0)

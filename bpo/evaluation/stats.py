@@ -21,7 +21,7 @@ result that ``json.dumps`` accepts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -138,39 +138,67 @@ def bootstrap_delta_wr(
 
 
 @dataclass(frozen=True, slots=True)
+class Outcomes:
+    """Win / tie / lose of a group of items (a comparison, a category, a length stratum) and its ΔWR with a
+    bootstrap interval."""
+
+    n: int
+    wins: int
+    ties: int
+    losses: int
+    delta_wr: float
+    delta_wr_ci: Interval
+
+    @classmethod
+    def of(cls, items: Iterable[ItemOutcome], *, bootstrap_samples: int, seed: int, confidence: float) -> Outcomes:
+        wins, ties, losses = _tally(items)
+        n = wins + ties + losses
+        interval = bootstrap_delta_wr(
+            wins, ties, losses, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence
+        )
+        return cls(n=n, wins=wins, ties=ties, losses=losses, delta_wr=_rate(wins - losses, n), delta_wr_ci=interval)
+
+    @property
+    def win_rate(self) -> float:
+        return _rate(self.wins, self.n)
+
+    @property
+    def tie_rate(self) -> float:
+        return _rate(self.ties, self.n)
+
+    @property
+    def lose_rate(self) -> float:
+        return _rate(self.losses, self.n)
+
+    def to_dict(self, *, rates: bool = False) -> dict[str, Any]:
+        """Counts, then with ``rates`` the win, tie and lose rates, then ΔWR and its interval."""
+        data: dict[str, Any] = {"n": self.n, "wins": self.wins, "ties": self.ties, "losses": self.losses}
+        if rates:
+            data |= {
+                "win_rate": _round(self.win_rate),
+                "tie_rate": _round(self.tie_rate),
+                "lose_rate": _round(self.lose_rate),
+            }
+        return data | {"delta_wr": _round(self.delta_wr), "delta_wr_ci": _round_interval(self.delta_wr_ci)}
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
-    """Win / tie / lose of one comparison, its ΔWR with a bootstrap interval, and judge and rewrite health.
+    """The outcomes of one comparison with its ΔWR and bootstrap interval, and judge and rewrite health.
 
     ``position_consistency`` is the share of items judged in both orders whose two verdicts agreed; items
     with identical answers were never shown to the judge and do not count. It is None when no item reached
     the judge.
     """
 
-    n: int
-    wins: int
-    ties: int
-    losses: int
-    win_rate: float
-    tie_rate: float
-    lose_rate: float
-    delta_wr: float
-    delta_wr_ci: Interval
+    outcomes: Outcomes
     position_consistency: float | None
     identical_answers: int
     unchanged_prompts: int
     unchanged_rate: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "wins": self.wins,
-            "ties": self.ties,
-            "losses": self.losses,
-            "win_rate": _round(self.win_rate),
-            "tie_rate": _round(self.tie_rate),
-            "lose_rate": _round(self.lose_rate),
-            "delta_wr": _round(self.delta_wr),
-            "delta_wr_ci": _round_interval(self.delta_wr_ci),
+        return self.outcomes.to_dict(rates=True) | {
             "position_consistency": None if self.position_consistency is None else _round(self.position_consistency),
             "identical_answers": self.identical_answers,
             "unchanged_prompts": self.unchanged_prompts,
@@ -185,52 +213,16 @@ def summarize(
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> Summary:
-    n = len(items)
-    wins, ties, losses = _tally(items)
     judged_twice = [item for item in items if item.judged_orders == 2]
     consistency = sum(item.position_consistent for item in judged_twice) / len(judged_twice) if judged_twice else None
     unchanged = sum(not item.prompt_changed for item in items)
     return Summary(
-        n=n,
-        wins=wins,
-        ties=ties,
-        losses=losses,
-        win_rate=_rate(wins, n),
-        tie_rate=_rate(ties, n),
-        lose_rate=_rate(losses, n),
-        delta_wr=_rate(wins - losses, n),
-        delta_wr_ci=bootstrap_delta_wr(
-            wins, ties, losses, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence
-        ),
+        outcomes=Outcomes.of(items, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence),
         position_consistency=consistency,
         identical_answers=sum(item.judged_orders == 0 for item in items),
         unchanged_prompts=unchanged,
-        unchanged_rate=_rate(unchanged, n),
+        unchanged_rate=_rate(unchanged, len(items)),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class CategorySummary:
-    """Win / tie / lose and ΔWR of the items of one category."""
-
-    category: str
-    n: int
-    wins: int
-    ties: int
-    losses: int
-    delta_wr: float
-    delta_wr_ci: Interval
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "category": self.category,
-            "n": self.n,
-            "wins": self.wins,
-            "ties": self.ties,
-            "losses": self.losses,
-            "delta_wr": _round(self.delta_wr),
-            "delta_wr_ci": _round_interval(self.delta_wr_ci),
-        }
 
 
 def by_category(
@@ -239,29 +231,15 @@ def by_category(
     bootstrap_samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
-) -> list[CategorySummary]:
-    """One summary per category, sorted by category; an empty category is shown as ``(none)``."""
+) -> dict[str, Outcomes]:
+    """The outcomes of each category, in category order; an empty category is shown as ``(none)``."""
     groups: dict[str, list[ItemOutcome]] = {}
     for item in items:
         groups.setdefault(category_label(item.category), []).append(item)
-    result = []
-    for category in sorted(groups):
-        wins, ties, losses = _tally(groups[category])
-        n = wins + ties + losses
-        result.append(
-            CategorySummary(
-                category=category,
-                n=n,
-                wins=wins,
-                ties=ties,
-                losses=losses,
-                delta_wr=_rate(wins - losses, n),
-                delta_wr_ci=bootstrap_delta_wr(
-                    wins, ties, losses, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence
-                ),
-            )
-        )
-    return result
+    return {
+        category: Outcomes.of(groups[category], bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence)
+        for category in sorted(groups)
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,30 +289,6 @@ def length_stats(items: Sequence[ItemOutcome]) -> LengthStats:
 
 
 @dataclass(frozen=True, slots=True)
-class StratumSummary:
-    """Win / tie / lose and ΔWR of the items in one length stratum."""
-
-    stratum: Stratum
-    n: int
-    wins: int
-    ties: int
-    losses: int
-    delta_wr: float
-    delta_wr_ci: Interval
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stratum": self.stratum,
-            "n": self.n,
-            "wins": self.wins,
-            "ties": self.ties,
-            "losses": self.losses,
-            "delta_wr": _round(self.delta_wr),
-            "delta_wr_ci": _round_interval(self.delta_wr_ci),
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class LengthControl:
     """ΔWR per length stratum, the length-controlled ΔWR and the length-verdict correlation.
 
@@ -344,18 +298,15 @@ class LengthControl:
     with fewer than three items or when either has no variance.
     """
 
-    strata: tuple[StratumSummary, ...]
+    strata: Mapping[Stratum, Outcomes]
     length_controlled_delta_wr: float | None
     length_controlled_ci: Interval | None
     length_win_correlation: float | None
 
-    def stratum(self, name: Stratum) -> StratumSummary:
-        return next(s for s in self.strata if s.stratum == name)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "bounds": {"shorter_below": SHORTER_BELOW, "longer_above": LONGER_ABOVE},
-            "strata": [s.to_dict() for s in self.strata],
+            "strata": [{"stratum": name, **outcomes.to_dict()} for name, outcomes in self.strata.items()],
             "length_controlled_delta_wr": (
                 None if self.length_controlled_delta_wr is None else _round(self.length_controlled_delta_wr)
             ),
@@ -399,27 +350,14 @@ def length_controlled(
     groups: dict[Stratum, list[ItemOutcome]] = {name: [] for name in STRATA}
     for item, ratio in zip(items, ratios, strict=True):
         groups[length_stratum(ratio)].append(item)
-    strata = []
-    for name in STRATA:
-        wins, ties, losses = _tally(groups[name])
-        n = wins + ties + losses
-        strata.append(
-            StratumSummary(
-                stratum=name,
-                n=n,
-                wins=wins,
-                ties=ties,
-                losses=losses,
-                delta_wr=_rate(wins - losses, n),
-                delta_wr_ci=bootstrap_delta_wr(
-                    wins, ties, losses, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence
-                ),
-            )
-        )
-    similar = next(s for s in strata if s.stratum == "similar")
+    strata = {
+        name: Outcomes.of(groups[name], bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence)
+        for name in STRATA
+    }
+    similar = strata["similar"]
     correlation = pearson([math.log(ratio) for ratio in ratios], [float(item_score(item)) for item in items])
     return LengthControl(
-        strata=tuple(strata),
+        strata=strata,
         length_controlled_delta_wr=similar.delta_wr if similar.n else None,
         length_controlled_ci=similar.delta_wr_ci if similar.n else None,
         length_win_correlation=correlation,

@@ -16,9 +16,12 @@ from typing import Any
 
 import grpc
 
+from bpo.engines.registry import EngineRegistry
 from bpo.errors import InvalidConfigurationError
 from bpo.grpc_server import serve
 from bpo.metrics import PlatformMetrics, serve_metrics
+from bpo.models.catalogue import ModelCatalogue
+from bpo.models.prepare import ModelPreparer
 from bpo.pipeline.jobspec import JobLookup
 from bpo.pipeline.stage import INPUT_TOPIC, Stage, StageContext
 from bpo.settings import BpoSettings
@@ -70,6 +73,20 @@ class Runtime:
 
     def topic(self, name: str) -> str:
         return self.kafka.topic(name)
+
+    def engine_registry(self) -> EngineRegistry:
+        """The targets' and judges' engines of this process, closed with it; greedy calls go through the
+        completion cache unless the platform turns it off."""
+        settings = self.settings
+        engines = EngineRegistry(
+            settings.engine,
+            ModelCatalogue(),
+            ModelPreparer(settings.models_dir),
+            cache=self.store if settings.platform.completion_cache else None,
+            on_cache_lookup=self.metrics.record_completion_cache,
+        )
+        self.closers.append(engines.aclose)
+        return engines
 
     def stage_context(self) -> StageContext:
         return StageContext(

@@ -6,9 +6,6 @@ import asyncio
 
 import grpc
 
-from bpo.engines.registry import EngineRegistry
-from bpo.models.catalogue import ModelCatalogue
-from bpo.models.prepare import ModelPreparer
 from bpo.pipeline.runtime import Runtime, ServiceParts, run_service
 from bpo.settings import BpoSettings
 from bpo.v1 import bpo_pb2
@@ -21,14 +18,7 @@ SERVICE = bpo_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
 
 async def build(runtime: Runtime) -> ServiceParts:
     settings = runtime.settings
-    engines = EngineRegistry(
-        settings.engine,
-        ModelCatalogue(),
-        ModelPreparer(settings.models_dir),
-        cache=runtime.store if settings.platform.completion_cache else None,
-        on_cache_lookup=runtime.metrics.record_completion_cache,
-    )
-    runtime.closers.append(engines.aclose)
+    engines = runtime.engine_registry()
     servicer = JudgeServicer(engines, settings.platform)
 
     def register(server: grpc.aio.Server) -> None:

@@ -293,7 +293,7 @@ def test_eval_through_the_platform_writes_a_complete_report(stack: dict[str, str
         if verdict.get("identical_answers"):
             assert not verdict.get("judgements")
         else:
-            assert [j["optimized_first"] for j in verdict["judgements"]] == [True, False]
+            assert [j.get("optimized_first", False) for j in verdict["judgements"]] == [True, False]
             assert all(j["reasoning"] for j in verdict["judgements"])
 
     # Running it again with the same folder reuses the finished jobs instead of submitting new ones.

@@ -67,59 +67,66 @@ def test_rates_and_delta_wr_on_a_hand_made_set() -> None:
     items = mixed(5, 3, 2)
     items[0] = outcome(items[0].winner, changed=False)
     summary = summarize(items)
-    assert (summary.n, summary.wins, summary.ties, summary.losses) == (10, 5, 3, 2)
-    assert (summary.win_rate, summary.tie_rate, summary.lose_rate) == pytest.approx((0.5, 0.3, 0.2))
-    assert summary.delta_wr == pytest.approx(0.3)
+    outcomes = summary.outcomes
+    assert (outcomes.n, outcomes.wins, outcomes.ties, outcomes.losses) == (10, 5, 3, 2)
+    assert (outcomes.win_rate, outcomes.tie_rate, outcomes.lose_rate) == pytest.approx((0.5, 0.3, 0.2))
+    assert outcomes.delta_wr == pytest.approx(0.3)
     assert summary.unchanged_prompts == 1
     assert summary.unchanged_rate == pytest.approx(0.1)
-    low, high = summary.delta_wr_ci
+    low, high = outcomes.delta_wr_ci
     assert -1.0 <= low <= 0.3 <= high <= 1.0
     data = summary.to_dict()
+    assert list(data) == [
+        "n", "wins", "ties", "losses", "win_rate", "tie_rate", "lose_rate", "delta_wr", "delta_wr_ci",
+        "position_consistency", "identical_answers", "unchanged_prompts", "unchanged_rate",
+    ]  # fmt: skip
     assert data["delta_wr"] == 0.3 and data["win_rate"] == 0.5
+    assert list(outcomes.to_dict()) == ["n", "wins", "ties", "losses", "delta_wr", "delta_wr_ci"]
     assert json.loads(json.dumps(data, allow_nan=False)) == data
 
 
 def test_bootstrap_matches_the_normal_approximation_and_is_reproducible() -> None:
     items = mixed(500, 300, 200)
-    summary = summarize(items, seed=7)
-    assert summary.delta_wr == pytest.approx(0.3)
-    low, high = summary.delta_wr_ci
+    outcomes = summarize(items, seed=7).outcomes
+    assert outcomes.delta_wr == pytest.approx(0.3)
+    low, high = outcomes.delta_wr_ci
     assert low < 0.3 < high
     variance = (0.5 + 0.2) - 0.3**2  # E[s²] - E[s]² of a +1 / 0 / -1 score
     expected_width = 2 * 1.96 * math.sqrt(variance / len(items))
     assert high - low == pytest.approx(expected_width, rel=0.15)
-    assert summarize(items, seed=7).delta_wr_ci == summary.delta_wr_ci
+    assert summarize(items, seed=7).outcomes.delta_wr_ci == outcomes.delta_wr_ci
     # ΔWR of 1000 items moves in steps of 0.001, so two seeds can land on the same bounds; five rarely do.
-    assert len({summarize(items, seed=seed).delta_wr_ci for seed in range(5)}) > 1
+    assert len({summarize(items, seed=seed).outcomes.delta_wr_ci for seed in range(5)}) > 1
 
 
 def test_a_wider_confidence_gives_a_wider_interval() -> None:
     items = mixed(50, 30, 20)
-    narrow = summarize(items, confidence=0.8).delta_wr_ci
-    wide = summarize(items, confidence=0.99).delta_wr_ci
+    narrow = summarize(items, confidence=0.8).outcomes.delta_wr_ci
+    wide = summarize(items, confidence=0.99).outcomes.delta_wr_ci
     assert wide[0] <= narrow[0] and narrow[1] <= wide[1]
 
 
 def test_interval_collapses_when_every_item_agrees() -> None:
-    assert summarize(mixed(20, 0, 0)).delta_wr_ci == (1.0, 1.0)
-    assert summarize(mixed(0, 0, 20)).delta_wr_ci == (-1.0, -1.0)
-    assert summarize(mixed(0, 20, 0)).delta_wr_ci == (0.0, 0.0)
+    assert summarize(mixed(20, 0, 0)).outcomes.delta_wr_ci == (1.0, 1.0)
+    assert summarize(mixed(0, 0, 20)).outcomes.delta_wr_ci == (-1.0, -1.0)
+    assert summarize(mixed(0, 20, 0)).outcomes.delta_wr_ci == (0.0, 0.0)
 
 
 def test_zero_items() -> None:
     summary = summarize([])
-    assert (summary.n, summary.wins, summary.ties, summary.losses) == (0, 0, 0, 0)
-    assert (summary.win_rate, summary.tie_rate, summary.lose_rate, summary.delta_wr) == (0.0, 0.0, 0.0, 0.0)
-    assert summary.delta_wr_ci == (0.0, 0.0)
+    outcomes = summary.outcomes
+    assert (outcomes.n, outcomes.wins, outcomes.ties, outcomes.losses) == (0, 0, 0, 0)
+    assert (outcomes.win_rate, outcomes.tie_rate, outcomes.lose_rate, outcomes.delta_wr) == (0.0, 0.0, 0.0, 0.0)
+    assert outcomes.delta_wr_ci == (0.0, 0.0)
     assert summary.position_consistency is None
     assert (summary.unchanged_prompts, summary.unchanged_rate, summary.identical_answers) == (0, 0.0, 0)
-    assert by_category([]) == []
+    assert by_category([]) == {}
     assert length_stats([]).to_dict() == {
         "n": 0, "original_mean": 0.0, "original_median": 0.0, "optimized_mean": 0.0, "optimized_median": 0.0,
         "median_ratio": 0.0, "optimized_longer_share": 0.0,
     }  # fmt: skip
     control = length_controlled([])
-    assert [s.n for s in control.strata] == [0, 0, 0]
+    assert [(name, s.n) for name, s in control.strata.items()] == [("shorter", 0), ("similar", 0), ("longer", 0)]
     assert control.length_controlled_delta_wr is None and control.length_controlled_ci is None
     assert control.length_win_correlation is None
     for data in (summary.to_dict(), control.to_dict(), length_stats([]).to_dict()):
@@ -154,13 +161,14 @@ def test_per_category_sorted_with_empty_category_named() -> None:
         outcome("tie", category=""),
     ]
     categories = by_category(items)
-    assert [c.category for c in categories] == ["(none)", "math", "writing"]
-    none, math_, writing = categories
+    assert list(categories) == ["(none)", "math", "writing"]
+    none, math_, writing = categories.values()
     assert (none.n, none.ties, none.delta_wr) == (1, 1, 0.0)
     assert (math_.n, math_.losses, math_.delta_wr, math_.delta_wr_ci) == (1, 1, -1.0, (-1.0, -1.0))
     assert (writing.n, writing.wins, writing.losses) == (3, 2, 1)
     assert writing.delta_wr == pytest.approx(1 / 3)
     assert writing.to_dict()["delta_wr"] == 0.3333
+    assert "category" not in writing.to_dict()  # the report names each group
 
 
 def test_strata_bounds_belong_to_similar() -> None:
@@ -182,10 +190,13 @@ def test_strata_bounds_belong_to_similar() -> None:
         outcome("optimized", original_answer=words(4), optimized_answer=words(6)),  # longer
     ]
     control = length_controlled(items)
-    assert [(s.stratum, s.n) for s in control.strata] == [("shorter", 1), ("similar", 2), ("longer", 2)]
-    assert control.stratum("longer").delta_wr == 1.0
+    assert [(name, s.n) for name, s in control.strata.items()] == [("shorter", 1), ("similar", 2), ("longer", 2)]
+    assert control.strata["longer"].delta_wr == 1.0
     assert control.length_controlled_delta_wr == 0.0
-    assert control.length_controlled_ci == control.stratum("similar").delta_wr_ci
+    assert control.length_controlled_ci == control.strata["similar"].delta_wr_ci
+    assert [(s["stratum"], s["n"]) for s in control.to_dict()["strata"]] == [
+        ("shorter", 1), ("similar", 2), ("longer", 2),
+    ]  # fmt: skip
 
 
 def test_empty_answers_count_as_one_word() -> None:
@@ -202,7 +213,7 @@ def test_empty_answers_count_as_one_word() -> None:
     assert stats.median_ratio == 1.0
     assert stats.optimized_longer_share == pytest.approx(1 / 3)
     control = length_controlled([both_empty, grew, vanished])
-    assert [s.n for s in control.strata] == [1, 1, 1]
+    assert [s.n for s in control.strata.values()] == [1, 1, 1]
     json.dumps(control.to_dict(), allow_nan=False)
 
 
