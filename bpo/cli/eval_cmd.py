@@ -35,7 +35,7 @@ ABLATIONS = (VARIANT_NO_FEEDBACK,)
 
 
 def _progress_bar(total_items: int) -> tuple[tqdm[Any], Any]:
-    bar = tqdm(total=total_items, desc="items judged", unit="item", file=sys.stderr)
+    bar = tqdm(total=total_items, desc="items finished", unit="item", file=sys.stderr)
 
     def update(jobs: list[pb.Job]) -> None:
         bar.n = sum(job.progress.finished for job in jobs)
