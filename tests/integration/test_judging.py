@@ -51,10 +51,11 @@ async def test_answers_then_judge_both_orders(llamacpp_engine: EngineClient) -> 
         )
         for item, p in zip(ITEMS, pairs, strict=True)
     ]
-    verdicts = await PairwiseJudge(llamacpp_engine, max_new_tokens=96).judge_batch(judge_items)
-    assert len(verdicts) == 2
-    for verdict in verdicts:
-        assert_well_formed(verdict)
+    calls_before = llamacpp_engine.usage.calls
+    judged, identical = await PairwiseJudge(llamacpp_engine, max_new_tokens=96).judge_batch(judge_items)
+    assert llamacpp_engine.usage.calls - calls_before == 2  # identical answers tie without a judge call
+    assert_well_formed(judged)
+    assert identical.identical_answers and identical.winner == "tie" and identical.judgements == ()
 
     (ranked,) = await PairwiseJudge(llamacpp_engine, template="ranking", max_new_tokens=48).judge_batch(judge_items[:1])
     assert_well_formed(ranked)
