@@ -58,6 +58,14 @@ def submit_requests(
             )  # fmt: skip
 
 
+def _unary(method: Callable[[Any], Any], request: Any) -> Any:
+    """One RPC, its failure translated into the platform's error for that status."""
+    try:
+        return method(request)
+    except grpc.RpcError as exc:
+        raise rpc_error(exc) from None
+
+
 class JobsClient:
     def __init__(self, address: str, *, poll_s: float = 2.0) -> None:
         self.address = address
@@ -80,24 +88,15 @@ class JobsClient:
         entries: Iterable[CorpusRecord | CorpusError],
         on_bad_line: Callable[[CorpusError], None] | None = None,
     ) -> pb.SubmitJobResponse:
-        try:
-            reply: pb.SubmitJobResponse = self.stub.SubmitJob(submit_requests(spec, entries, on_bad_line))
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+        reply: pb.SubmitJobResponse = _unary(self.stub.SubmitJob, submit_requests(spec, entries, on_bad_line))
         return reply
 
     def get(self, job_id: str) -> pb.Job:
-        try:
-            job: pb.Job = self.stub.GetJob(pb.GetJobRequest(job_id=job_id)).job
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+        job: pb.Job = _unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id)).job
         return job
 
     def report(self, job_id: str) -> pb.JobReport:
-        try:
-            report: pb.JobReport = self.stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)).report
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+        report: pb.JobReport = _unary(self.stub.GetJobReport, pb.GetJobReportRequest(job_id=job_id)).report
         return report
 
     def export(self, job_id: str) -> Iterator[dict[str, Any]]:
