@@ -143,7 +143,12 @@ async def serve(
     on_started: Callable[[int], None] | None = None,
 ) -> None:
     """Run a server until SIGTERM/SIGINT (or ``stop_event``); in-flight calls get ``grace_s`` to finish."""
-    server = grpc.aio.server(interceptors=[ErrorAndMetricsInterceptor(metrics, service_name)])
+    server = grpc.aio.server(
+        interceptors=[ErrorAndMetricsInterceptor(metrics, service_name)],
+        # gRPC shares a port with any other server that asked for it (SO_REUSEPORT) and splits the connections
+        # between them; a second server on a taken port must fail to start instead.
+        options=[("grpc.so_reuseport", 0)],
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from bpo.infra.process import free_port
 
+# Ports above the metrics base the platform's processes use (services and workers).
+METRICS_SPAN = 16
+
 
 def isolated_platform_env(
     state_dir: Path,
@@ -34,10 +37,16 @@ def isolated_platform_env(
         "BPO_PLATFORM__TARGET_MODEL": model,
         "BPO_PLATFORM__JUDGE_MODEL": model,
     }
+    # The OS may hand out the same free port twice, and services add up to METRICS_SPAN to the metrics base.
+    taken: set[int] = set()
     for name in (
-        "JOBS_PORT", "OPTIMIZER_PORT", "GENERATOR_PORT", "JUDGE_PORT", "METRICS_PORT_BASE",
+        "METRICS_PORT_BASE", "JOBS_PORT", "OPTIMIZER_PORT", "GENERATOR_PORT", "JUDGE_PORT",
         "EMBEDDED_POSTGRES_PORT", "EMBEDDED_REDIS_PORT", "EMBEDDED_KAFKA_PORT",
     ):  # fmt: skip
-        env[f"BPO_PLATFORM__{name}"] = str(free_port())
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.update(range(port, port + METRICS_SPAN) if name == "METRICS_PORT_BASE" else (port,))
+        env[f"BPO_PLATFORM__{name}"] = str(port)
     env.update(extra or {})
     return env
