@@ -13,16 +13,12 @@ task id whose result is already stored returns that result.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
-from celery.exceptions import TimeoutError as CeleryTimeoutError  # type: ignore[import-untyped]
 from kombu.exceptions import OperationalError
 
 from bpo.engines.base import Completion, GenerationRequest
@@ -36,7 +32,8 @@ from bpo.pairs.generation import (
     request_to_wire,
     run_generation,
 )
-from services.optimizer_worker.tasks import UNSERVED_LABEL, retry_delay_s
+from services.optimizer_worker.task_client import CeleryTaskClient
+from services.optimizer_worker.tasks import UNSERVED_LABEL, retry_if_transient, task_options
 
 if TYPE_CHECKING:
     from services.optimizer_worker.app import EngineHolder
@@ -44,8 +41,6 @@ if TYPE_CHECKING:
     from services.optimizer_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
 GENERATE_BATCH_TASK: Final = "bpo.generate_batch"
 
 
@@ -140,27 +135,13 @@ def register_generation_tasks(app: Any, engines: EngineHolder, metrics: WorkerMe
             metrics.tasks.labels(label, "failure").inc()
             raise
         transient = run.transient
-        if transient is not None and request.retries < settings.max_retries:
-            countdown = retry_delay_s(request.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
-            metrics.tasks.labels(label, "retry").inc()
-            log.warning("generation batch for %s hit an engine error (%s); retry in %ds", model, transient.error,
-                        countdown)  # fmt: skip
-            raise task.retry(exc=EngineUnavailableError(transient.error), countdown=countdown,
-                             max_retries=settings.max_retries)  # fmt: skip
+        error = EngineUnavailableError(transient.error) if transient is not None else None
+        retry_if_transient(task, error, settings, metrics, label, f"generation batch for {model}")
         _record(metrics, label, run, time.perf_counter() - started)
         metrics.tasks.labels(label, "success" if transient is None else "failure").inc()
         return run.to_wire()
 
-    return app.task(
-        bind=True,
-        name=GENERATE_BATCH_TASK,
-        shared=False,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        autoretry_for=(),
-        max_retries=settings.max_retries,
-        default_retry_delay=settings.retry_backoff_s,
-    )(generate_batch)
+    return app.task(**task_options(GENERATE_BATCH_TASK, settings))(generate_batch)
 
 
 # -- client ---------------------------------------------------------------------------------------------------
@@ -183,22 +164,14 @@ def decode_batch(value: Any, count: int) -> GeneratedBatch:
                           [outcome_from_wire(entry) for entry in entries])  # fmt: skip
 
 
-class GenerationWorkersClient:
-    """Sends generation batches to the workers serving a model and awaits them from asyncio code.
+class GenerationWorkersClient(CeleryTaskClient):
+    """Sends generation batches to the workers serving a model and awaits them from asyncio code."""
 
-    Celery's client API blocks, so each call runs on this client's own threads (as ``OptimizerWorkersClient``
-    does), and waiting happens in short slices so that a cancelled caller frees its thread soon."""
+    task_name = GENERATE_BATCH_TASK
+    task_kind = "generation"
 
     def __init__(self, app: Any, timeout_s: float, *, max_waiting: int = 16, wait_slice_s: float = 1.0) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
-        self._app = app
-        self._timeout_s = timeout_s
-        self._wait_slice_s = wait_slice_s
-        self._executor = ThreadPoolExecutor(max_workers=max_waiting, thread_name_prefix="bpo-generation-client")
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        super().__init__(app, timeout_s, max_waiting=max_waiting, wait_slice_s=wait_slice_s)
 
     async def serving_workers(self, model: str, timeout_s: float = 2.0) -> list[str]:
         """Names of the workers consuming ``model``'s queue (asked over Celery's remote control)."""
@@ -212,56 +185,15 @@ class GenerationWorkersClient:
     ) -> GeneratedBatch:
         if not requests:
             return GeneratedBatch("", "", [])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout_s
         kwargs = {"model": model, "requests": [request_to_wire(r) for r in requests]}
-        result = await self._call(self._send, kwargs, _queue(model), task_id)
-        value = await self._wait(result, deadline, model)
+        value = await self._send_and_wait(kwargs, model, _queue(model), task_id)
         return decode_batch(value, len(requests))
-
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
 
     def _active_queues(self, timeout_s: float) -> Any:
         try:
             return self._app.control.inspect(timeout=timeout_s).active_queues()
         except (OperationalError, OSError) as exc:
             raise EngineUnavailableError(f"the optimizer broker is unreachable: {exc}") from exc
-
-    def _send(self, kwargs: dict[str, Any], queue: str, task_id: str | None) -> Any:
-        try:
-            return self._app.send_task(GENERATE_BATCH_TASK, kwargs=kwargs, queue=queue, task_id=task_id)
-        except OperationalError as exc:
-            raise EngineUnavailableError(f"the optimizer broker is unreachable: {exc}") from exc
-
-    async def _wait(self, result: Any, deadline: float, model: str) -> Any:
-        loop = asyncio.get_running_loop()
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                state = str(result.state)
-                await self._call(self._app.backend.remove_pending_result, result)
-                raise EngineUnavailableError(
-                    f"no worker for {model!r} finished generation task {result.id} within {self._timeout_s:g}s "
-                    f"(state {state}, queue {_queue(model)})"
-                )
-            try:
-                state, value = await self._call(self._get, result, min(self._wait_slice_s, remaining))
-            except CeleryTimeoutError:
-                continue
-            except OperationalError as exc:
-                raise EngineUnavailableError(f"the optimizer result backend is unreachable: {exc}") from exc
-            if state == "SUCCESS":
-                return value
-            if isinstance(value, BpoError):
-                raise value
-            raise BpoError(f"generation task {result.id} ended {state}: {value!r}")
-
-    @staticmethod
-    def _get(result: Any, timeout_s: float) -> tuple[str, Any]:
-        value = result.get(timeout=timeout_s, propagate=False)
-        return str(result.state), value
 
 
 class WorkersGenerator:

@@ -130,6 +130,40 @@ def retry_delay_s(retries: int, base_s: int, cap_s: int) -> int:
     return int(get_exponential_backoff_interval(base_s, retries, cap_s, full_jitter=True))
 
 
+def retry_if_transient(
+    task: Any, error: Exception | None, settings: WorkerSettings, metrics: WorkerMetrics, label: str, what: str
+) -> None:
+    """Retry the task later when its batch hit a transient engine error and retries remain; else return."""
+    request = task.request
+    if error is None or request.retries >= settings.max_retries:
+        return
+    countdown = retry_delay_s(request.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
+    metrics.tasks.labels(label, "retry").inc()
+    log.warning(
+        "%s hit an engine error (%s); retry %d/%d in %ds",
+        what, error, request.retries + 1, settings.max_retries, countdown,
+    )  # fmt: skip
+    raise task.retry(exc=error, countdown=countdown, max_retries=settings.max_retries)
+
+
+def task_options(name: str, settings: WorkerSettings) -> dict[str, Any]:
+    """How every worker task is declared: late acks, redelivery on worker loss, retries decided by the task."""
+    return {
+        "bind": True,
+        "name": name,
+        # Celery shares tasks with every app created later by default; these close over one app's engines.
+        "shared": False,
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        # Retries are decided from the batch's outcome: an exception escaping the task is a bug or bad input,
+        # and neither improves with another attempt.
+        "autoretry_for": (),
+        "max_retries": settings.max_retries,
+        # The delay of a retry after a pool process died (Celery's own default is three minutes).
+        "default_retry_delay": settings.retry_backoff_s,
+    }
+
+
 def _record(metrics: WorkerMetrics, model: str, run: BatchRun, elapsed_s: float, batch_size: int) -> None:
     metrics.batch_size.labels(model).observe(batch_size)
     metrics.task_seconds.labels(model).observe(elapsed_s)
@@ -175,29 +209,9 @@ def register_tasks(app: Any, engines: EngineHolder, metrics: WorkerMetrics, sett
             metrics.tasks.labels(label, "failure").inc()
             raise
         elapsed = time.perf_counter() - started
-        if run.transient_error is not None and request.retries < settings.max_retries:
-            countdown = retry_delay_s(request.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
-            metrics.tasks.labels(label, "retry").inc()
-            log.warning(
-                "batch of %d for %s hit an engine error (%s); retry %d/%d in %ds",
-                len(items), model, run.transient_error, request.retries + 1, settings.max_retries, countdown,
-            )  # fmt: skip
-            raise task.retry(exc=run.transient_error, countdown=countdown, max_retries=settings.max_retries)
+        retry_if_transient(task, run.transient_error, settings, metrics, label, f"batch of {len(items)} for {model}")
         _record(metrics, label, run, elapsed, len(items))
         metrics.tasks.labels(label, "success" if run.transient_error is None else "failure").inc()
         return run.entries
 
-    return app.task(
-        bind=True,
-        name=OPTIMIZE_BATCH_TASK,
-        # Celery shares tasks with every app created later by default; this one closes over this app's engines.
-        shared=False,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        # Retries are decided above from the batch's outcome: an exception escaping the task is a bug or bad
-        # input, and neither improves with another attempt.
-        autoretry_for=(),
-        max_retries=settings.max_retries,
-        # The delay of a retry after a pool process died (Celery's own default is three minutes).
-        default_retry_delay=settings.retry_backoff_s,
-    )(optimize_batch)
+    return app.task(**task_options(OPTIMIZE_BATCH_TASK, settings))(optimize_batch)
