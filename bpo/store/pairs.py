@@ -8,7 +8,7 @@ re-run of a construction therefore adds only what is missing and never changes a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
@@ -96,7 +96,7 @@ class DecisionCount:
     pairs: int
 
 
-def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+def _chunks(items: Iterable[T], size: int) -> Iterator[Sequence[T]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
@@ -106,23 +106,27 @@ class PairsStore:
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
 
+    def _insert_each(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Run an ``INSERT ... ON CONFLICT DO NOTHING`` per row, a transaction per chunk; returns rows inserted."""
+        inserted = 0
+        for chunk in _chunks(rows, CHUNK):
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                for values in chunk:
+                    cur.execute(sql, values)
+                    inserted += cur.rowcount
+        return inserted
+
     # -- preference records ------------------------------------------------------------------------------
 
     def add_records(self, records: Sequence[PreferenceRecord]) -> int:
         """Insert records; returns how many were new (the rest were there from an earlier import)."""
-        inserted = 0
-        for chunk in _chunks(records, CHUNK):
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                for record in chunk:
-                    cur.execute(
-                        "INSERT INTO preference_records (record_id, dataset, source, licence, external_id,"
-                        " instruction, context, chosen, rejected, extra)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        (record.record_id, record.dataset, record.source, record.licence, record.external_id,
-                         record.instruction, record.context, record.chosen, record.rejected, Jsonb(dict(record.extra))),
-                    )  # fmt: skip
-                    inserted += cur.rowcount
-        return inserted
+        return self._insert_each(
+            "INSERT INTO preference_records (record_id, dataset, source, licence, external_id,"
+            " instruction, context, chosen, rejected, extra)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            ((r.record_id, r.dataset, r.source, r.licence, r.external_id, r.instruction, r.context, r.chosen,
+              r.rejected, Jsonb(dict(r.extra))) for r in records),
+        )  # fmt: skip
 
     def records_with_decisions(
         self, dataset: str, constructor_model: str, prompt_version: str
@@ -151,19 +155,13 @@ class PairsStore:
 
     def add_pairs(self, pairs: Sequence[PairRow]) -> int:
         """Store decisions; one already stored for the same (record, constructor, prompt version) is kept."""
-        inserted = 0
-        for chunk in _chunks(pairs, CHUNK):
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                for pair in chunk:
-                    cur.execute(
-                        "INSERT INTO prompt_pairs (pair_id, record_id, dataset, constructor_model, prompt_version,"
-                        " decision, x_user, x_opt, comparison, raw_output)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        (pair.pair_id, pair.record_id, pair.dataset, pair.constructor_model, pair.prompt_version,
-                         pair.decision, pair.x_user, pair.x_opt, pair.comparison, pair.raw_output),
-                    )  # fmt: skip
-                    inserted += cur.rowcount
-        return inserted
+        return self._insert_each(
+            "INSERT INTO prompt_pairs (pair_id, record_id, dataset, constructor_model, prompt_version,"
+            " decision, x_user, x_opt, comparison, raw_output)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            ((p.pair_id, p.record_id, p.dataset, p.constructor_model, p.prompt_version, p.decision, p.x_user,
+              p.x_opt, p.comparison, p.raw_output) for p in pairs),
+        )  # fmt: skip
 
     def pair(self, record_id: str, constructor_model: str, prompt_version: str) -> PairRow | None:
         with self._pool.connection() as conn:
