@@ -33,7 +33,7 @@ from bpo.pairs.generation import (
     run_generation,
 )
 from services.optimizer_worker.task_client import CeleryTaskClient
-from services.optimizer_worker.tasks import UNSERVED_LABEL, retry_if_transient, task_options
+from services.optimizer_worker.tasks import UNSERVED_LABEL, retry_if_transient, stored_success, task_options
 
 if TYPE_CHECKING:
     from services.optimizer_worker.app import EngineHolder
@@ -49,16 +49,6 @@ def _queue(model: str) -> str:
     from services.optimizer_worker.app import queue_for_model
 
     return queue_for_model(model)
-
-
-def _stored_result(task: Any, task_id: str) -> Any:
-    try:
-        meta = task.backend.get_task_meta(task_id)
-    except Exception:
-        # Only an optimisation: with the backend unreachable the batch runs, as it would without the check.
-        log.warning("could not look up a stored result for task %s", task_id, exc_info=True)
-        return None
-    return meta.get("result") if meta.get("status") == "SUCCESS" else None
 
 
 @dataclass(slots=True)
@@ -124,7 +114,7 @@ def register_generation_tasks(app: Any, engines: EngineHolder, metrics: WorkerMe
         request = task.request
         label = model if model in engines.models else UNSERVED_LABEL
         if not request.is_eager:
-            stored = _stored_result(task, request.id)
+            stored = stored_success(task, request.id)
             if stored is not None:
                 metrics.tasks.labels(label, "duplicate").inc()
                 return stored

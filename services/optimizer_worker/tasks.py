@@ -176,7 +176,8 @@ def _record(metrics: WorkerMetrics, model: str, run: BatchRun, elapsed_s: float,
             metrics.items.labels(model, entry["status_code"]).inc()
 
 
-def _stored_success(task: Any, task_id: str) -> Any:
+def stored_success(task: Any, task_id: str) -> Any:
+    """The stored result of an earlier run of this task id that succeeded, or None."""
     try:
         meta = task.backend.get_task_meta(task_id)
     except Exception:
@@ -195,7 +196,7 @@ def register_tasks(app: Any, engines: EngineHolder, metrics: WorkerMetrics, sett
         # the metrics without bound.
         label = model if model in engines.models else UNSERVED_LABEL
         if not request.is_eager:
-            stored = _stored_success(task, request.id)
+            stored = stored_success(task, request.id)
             if stored is not None:
                 # A redelivery of a batch that finished before its ack was lost, or a caller re-sending the
                 # same task id: the stored result is the answer, running again would only cost engine time.

@@ -12,8 +12,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -29,13 +27,13 @@ from services.optimizer_worker.app import make_celery_app, queue_for_model
 from services.optimizer_worker.client import OptimizerWorkersClient
 from services.optimizer_worker.settings import WorkerSettings
 from services.optimizer_worker.tasks import OPTIMIZE_BATCH_TASK
+from tests.integration.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 MODEL = "smollm2-135m-instruct"
 QUEUE = queue_for_model(MODEL)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # The settings insist on a visibility timeout above twice the time limit plus the longest retry delay.
 VISIBILITY_TIMEOUT_S = 55
 TASK_TIME_LIMIT_S = 25
@@ -89,38 +87,8 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class WorkerProcess:
-    """One worker: the Celery parent and its pool process, in a process group of their own."""
-
-    def __init__(self, log_path: Path, metrics_port: int = 0) -> None:
-        self.log_path = log_path
-        env = os.environ.copy() | WORKER_ENV | {"BPO_WORKER_METRICS_PORT": str(metrics_port)}
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.optimizer_worker.worker"],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill_group(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            # The parent's warm shutdown; its pool processes follow it.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
-        return int(self.process.returncode)
+def worker_process(log_path: Path, metrics_port: int = 0) -> WorkerProcess:
+    return WorkerProcess(log_path, WORKER_ENV | {"BPO_WORKER_METRICS_PORT": str(metrics_port)})
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +134,7 @@ async def client(app: Any) -> AsyncIterator[OptimizerWorkersClient]:
 def worker(broker: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerProcess, int]]:
     """A worker shared by one class's tests, and gone before the next class: it would serve their queue too."""
     port = free_port()
-    process = WorkerProcess(tmp_path_factory.mktemp("worker") / "worker.log", metrics_port=port)
+    process = worker_process(tmp_path_factory.mktemp("worker") / "worker.log", metrics_port=port)
     yield process, port
     code = process.stop()
     print(process.log()[-3000:])
@@ -247,7 +215,7 @@ class TestOneWorker:
 async def test_a_task_survives_its_whole_worker_being_killed(
     app: Any, client: OptimizerWorkersClient, broker: redis.Redis, tmp_path: Path
 ) -> None:
-    first = WorkerProcess(tmp_path / "first.log")
+    first = worker_process(tmp_path / "first.log")
     second: WorkerProcess | None = None
     try:
         task_id = f"worker-killed-{uuid.uuid4()}"
@@ -260,7 +228,7 @@ async def test_a_task_survives_its_whole_worker_being_killed(
         # Nobody is left to put the task back: it waits, unacknowledged, for the visibility timeout.
         assert broker.hlen("unacked") == 1
         assert broker.llen(QUEUE) == 0
-        second = WorkerProcess(tmp_path / "second.log")
+        second = worker_process(tmp_path / "second.log")
         outcomes = await pending
         assert_real_rewrites(outcomes, LONG_PROMPTS)
         assert await logged_success(second, task_id) == 1

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +34,7 @@ from services.optimizer_worker.app import RegistryAliases, make_celery_app
 from services.optimizer_worker.client import OptimizerWorkersClient
 from services.optimizer_worker.settings import WorkerSettings
 from tests.integration.databases import fresh_database
+from tests.integration.worker_process import WorkerProcess
 from training.config import TrainConfig
 from training.job import run_job
 from training.train import TrainResult
@@ -48,7 +45,6 @@ OUT = "bpo-it"
 DATASET = "it-pairs"
 ALIAS = "latest"
 REDIS_URL = "redis://127.0.0.1:6379/10"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 GREEDY = OptimizeParams(temperature=0.0, max_new_tokens=64, seed=0)
 PROMPTS = [
     PromptInput("Tell me about black holes."),
@@ -203,10 +199,10 @@ def test_the_gguf_rewrites_in_llamacpp_and_agrees_with_the_hf_folder(trained: Tr
     assert agreement >= 0.9, agreement
 
 
-class WorkerProcess:
-    def __init__(self, log_path: Path, database: str) -> None:
-        self.log_path = log_path
-        env = os.environ.copy() | {
+def worker_process(log_path: Path, database: str) -> WorkerProcess:
+    return WorkerProcess(
+        log_path,
+        {
             "BPO_WORKER_BROKER_URL": REDIS_URL,
             "BPO_WORKER_MODELS": ALIAS,
             "BPO_WORKER_VISIBILITY_TIMEOUT_S": "55",
@@ -216,29 +212,8 @@ class WorkerProcess:
             "BPO_PLATFORM__DATABASE_URL": database,
             "BPO_ENGINE__NAME": "llamacpp",
             "BPO_ENGINE__THREADS": "1",
-        }
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.optimizer_worker.worker"],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
-        return int(self.process.returncode)
+        },
+    )
 
 
 @pytest.fixture
@@ -276,7 +251,7 @@ async def test_registering_a_version_switches_a_running_worker(
     settings = WorkerSettings.model_validate({"broker_url": REDIS_URL, "models": [ALIAS]})
     app = make_celery_app(settings)
     client = OptimizerWorkersClient(app, timeout_s=120)
-    worker = WorkerProcess(tmp_path / "worker.log", database)
+    worker = worker_process(tmp_path / "worker.log", database)
     pool = open_pool(database, min_size=1, max_size=1)
     try:
         first = await client.optimize_batch(ALIAS, GREEDY, PROMPTS[:1])
