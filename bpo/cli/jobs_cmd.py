@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,12 +17,32 @@ from bpo.corpus.formats import CorpusError, builtin_dataset_path
 from bpo.errors import InvalidConfigurationError
 from bpo.messages import STAGE_NAMES, STAGE_VALUES
 from bpo.pipeline.client import corpus_entries, rpc_error, submit_requests
+from bpo.pipeline.outcome import JobOutcome
 from bpo.settings import BpoSettings
 from bpo.stack.supervisor import StackState
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 
 app = typer.Typer(help="Watch, cancel, report on and export jobs.", no_args_is_help=True)
+
+MaxFailureRate = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Share of a job's items allowed to fail before the command exits non-zero (0: any failure does).",
+    ),
+]
+
+
+def require_success(outcomes: list[JobOutcome], max_failure_rate: float, more_problems: Sequence[str] = ()) -> None:
+    """Exit non-zero, saying why, when any job did not do its work (beyond the failures allowed)."""
+    problems = [problem for outcome in outcomes if (problem := outcome.problem(max_failure_rate)) is not None]
+    problems += more_problems
+    if problems:
+        for problem in problems:
+            typer.secho(problem, fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 def jobs_address(settings: BpoSettings) -> str:
@@ -66,8 +87,9 @@ def submit(
         "rewrite,generate,judge"
     ),
     wait: Annotated[bool, typer.Option("--wait", help="Show progress per stage until the job is done.")] = False,
+    max_failure_rate: MaxFailureRate = 0.0,
 ) -> None:
-    """Submit a corpus as a job; prints the job id."""
+    """Submit a corpus as a job; prints the job id. With --wait, exits non-zero unless the job did its work."""
     settings = BpoSettings()
     if (path is None) == (dataset is None):
         raise InvalidConfigurationError("give a FILE or --dataset NAME")
@@ -100,7 +122,8 @@ def submit(
     typer.secho(f"accepted {reply.accepted}, rejected {reply.rejected}, duplicates {reply.duplicates}", err=True)
     if wait:
         _watch(stub, reply.job_id)
-        _print_report(stub, reply.job_id, as_json=False)
+        report = _print_report(stub, reply.job_id, as_json=False)
+        require_success([JobOutcome.of(report)], max_failure_rate)
 
 
 def _watch(stub: pb_grpc.JobsServiceStub, job_id: str) -> pb.JobProgress:
@@ -128,9 +151,11 @@ def _watch(stub: pb_grpc.JobsServiceStub, job_id: str) -> pb.JobProgress:
 
 
 @app.command("watch")
-def watch(job_id: str) -> None:
-    """Progress bars per stage until the job finishes."""
-    _watch(jobs_stub(BpoSettings()), job_id)
+def watch(job_id: str, max_failure_rate: MaxFailureRate = 0.0) -> None:
+    """Progress bars per stage until the job finishes; exits non-zero unless it did its work."""
+    stub = jobs_stub(BpoSettings())
+    _watch(stub, job_id)
+    require_success([JobOutcome.of(_report(stub, job_id))], max_failure_rate)
 
 
 @app.command("get")
@@ -153,19 +178,25 @@ def cancel(job_id: str) -> None:
     typer.echo(f"job {job_id}: {pb.JobState.Name(job.state)}")
 
 
-def _print_report(stub: pb_grpc.JobsServiceStub, job_id: str, *, as_json: bool) -> None:
+def _report(stub: pb_grpc.JobsServiceStub, job_id: str) -> pb.JobReport:
     try:
-        report = stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)).report
+        report: pb.JobReport = stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)).report
     except grpc.RpcError as exc:
         raise rpc_error(exc) from None
+    return report
+
+
+def _print_report(stub: pb_grpc.JobsServiceStub, job_id: str, *, as_json: bool) -> pb.JobReport:
+    report = _report(stub, job_id)
     if as_json:
         typer.echo(
             json_format.MessageToJson(
                 report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
             )
         )
-        return
-    typer.echo(render_report(report))
+    else:
+        typer.echo(render_report(report))
+    return report
 
 
 def render_report(report: pb.JobReport) -> str:

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from bpo.cli import eval_cmd, jobs_cmd, models_cmd, optimize_cmd, pairs_cmd, stack_cmd, train_cmd
+from bpo.cli import doctor_cmd, eval_cmd, jobs_cmd, models_cmd, optimize_cmd, pairs_cmd, stack_cmd, train_cmd
 from bpo.errors import BpoError
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("optimize")(optimize_cmd.optimize)
+app.command("doctor")(doctor_cmd.doctor)
 models_cmd.app.command("register")(train_cmd.register)
 models_cmd.app.command("alias")(train_cmd.set_alias)
 app.add_typer(models_cmd.app, name="models")
@@ -25,6 +26,7 @@ app.command("train")(train_cmd.train)
 app.command("up")(stack_cmd.up)
 app.command("status")(stack_cmd.status)
 app.command("down")(stack_cmd.down)
+app.command("migrate")(stack_cmd.migrate)
 app.command("submit")(jobs_cmd.submit)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(pairs_cmd.app, name="pairs")

@@ -23,7 +23,7 @@ from bpo.corpus.formats import (
     count_records,
     read_corpus,
 )
-from bpo.corpus.run import optimize_corpus
+from bpo.corpus.run import CorpusRunSummary, optimize_corpus
 from bpo.engines.factory import open_engine, resolve_spec
 from bpo.errors import InvalidConfigurationError
 from bpo.models.catalogue import ModelCatalogue
@@ -38,7 +38,10 @@ def _settings_with_overrides(
     overrides: dict[str, Any],
 ) -> BpoSettings:
     settings = BpoSettings()
-    engine_update = {k: v for k, v in {"name": engine, "model": model}.items() if v is not None}
+    engine_update: dict[str, Any] = {k: v for k, v in {"name": engine, "model": model}.items() if v is not None}
+    if model is not None:
+        # --model names exactly what an endpoint receives; a served name from the environment gives way to it.
+        engine_update["openai_model"] = None
     optimizer_update = {k: v for k, v in overrides.items() if v is not None}
     return BpoSettings.model_validate(
         {
@@ -84,8 +87,14 @@ def optimize(
     max_new_tokens: Annotated[int | None, typer.Option(help="Default 1024 (the paper).", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per engine batch.", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable results.")] = False,
+    max_failure_rate: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of a corpus's prompts allowed to fail before exiting non-zero."),
+    ] = 0.0,
 ) -> None:
-    """Rewrite prompts the way the paper's optimizer does, with context preservation and fallbacks."""
+    """Rewrite prompts the way the paper's optimizer does, with context preservation and fallbacks.
+
+    A corpus run exits non-zero when more than --max-failure-rate of its prompts failed (each is reported)."""
     sources = [x for x in (text, input_path, dataset) if x is not None]
     if len(sources) != 1:
         raise InvalidConfigurationError("give exactly one of TEXT, --in FILE or --dataset NAME")
@@ -104,7 +113,11 @@ def optimize(
     if input_path is not None and output_path is None:
         raise InvalidConfigurationError("--in needs --out (results are written as JSONL)")
     corpus = input_path if input_path is not None else (builtin_dataset_path(dataset) if dataset else None)
-    asyncio.run(_run(settings, text, context, corpus, output_path, field, limit, as_json))
+    summary = asyncio.run(_run(settings, text, context, corpus, output_path, field, limit, as_json))
+    problem = summary.problem(max_failure_rate) if summary is not None else None
+    if problem is not None:
+        typer.secho(problem, fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 async def _run(
@@ -116,7 +129,8 @@ async def _run(
     field: str | None,
     limit: int | None,
     as_json: bool,
-) -> None:
+) -> CorpusRunSummary | None:
+    """Optimize one prompt (printed) or a corpus; a corpus run returns its summary."""
     catalogue = ModelCatalogue()
     preparer = ModelPreparer(settings.models_dir)
     spec = resolve_spec(settings.engine, catalogue)
@@ -126,12 +140,11 @@ async def _run(
         if text is not None:
             result = await optimizer.optimize(text, context)
             typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) if as_json else result.optimized)
-            return
+            return None
         assert corpus is not None
         if output_path is None:
-            await _print_corpus(optimizer, corpus, field, limit, as_json, settings.optimizer.batch_size)
-            return
-        await _write_corpus(optimizer, corpus, output_path, field, limit, settings.optimizer.batch_size, as_json)
+            return await _print_corpus(optimizer, corpus, field, limit, as_json, settings.optimizer.batch_size)
+        return await _write_corpus(optimizer, corpus, output_path, field, limit, settings.optimizer.batch_size, as_json)
 
 
 async def _print_corpus(
@@ -141,12 +154,13 @@ async def _print_corpus(
     limit: int | None,
     as_json: bool,
     batch_size: int,
-) -> None:
+) -> CorpusRunSummary:
     entries = list(islice(read_corpus(corpus, field), limit))
     records = [e for e in entries if isinstance(e, CorpusRecord)]
     for error in (e for e in entries if isinstance(e, CorpusError)):
         typer.secho(f"line {error.line}: {error.reason}", fg=typer.colors.YELLOW, err=True)
     shown: list[tuple[str, RewriteResult]] = []
+    summary = CorpusRunSummary(failed=len(entries) - len(records))
     with tqdm(total=len(records), desc="optimizing", unit="prompt", file=_stderr()) as bar:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
@@ -154,7 +168,9 @@ async def _print_corpus(
             for record, outcome in zip(chunk, outcomes, strict=True):
                 if isinstance(outcome, RewriteResult):
                     shown.append((record.id, outcome))
+                    summary.done += 1
                 else:
+                    summary.failed += 1
                     typer.secho(f"line {record.line}: {outcome.error}", fg=typer.colors.YELLOW, err=True)
             bar.update(len(chunk))
     if as_json:
@@ -162,6 +178,7 @@ async def _print_corpus(
             typer.echo(json.dumps({"id": label, **result.to_dict()}, ensure_ascii=False))
     else:
         typer.echo(side_by_side(shown))
+    return summary
 
 
 async def _write_corpus(
@@ -172,7 +189,7 @@ async def _write_corpus(
     limit: int | None,
     batch_size: int,
     as_json: bool,
-) -> None:
+) -> CorpusRunSummary:
     done = completed_ids(output_path)
     total = count_records(corpus)
     if limit is not None:
@@ -205,6 +222,7 @@ async def _write_corpus(
             f"{summary.done} optimized ({summary.fell_back} kept the original), {summary.skipped} already done, "
             f"{summary.failed} failed -> {output_path}"
         )
+    return summary
 
 
 def _advance(bar: tqdm[Any], count: int) -> None:

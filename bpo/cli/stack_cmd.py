@@ -109,6 +109,21 @@ def down(timeout: Annotated[float, typer.Option(help="Seconds to wait for a clea
     typer.echo("platform down")
 
 
+def migrate() -> None:
+    """Apply the database migrations (BPO_PLATFORM__DATABASE_URL, or the running platform's database)."""
+    from bpo.store.db import migrate_database, required_schema_version
+
+    settings = BpoSettings()
+    url = settings.platform.database_url
+    if not url:
+        state = StackState.load(settings)
+        url = state.database_url if state is not None and _alive(state.supervisor_pid) else ""
+    if not url:
+        raise InvalidConfigurationError("no database: set BPO_PLATFORM__DATABASE_URL or start the platform (`bpo up`)")
+    applied = migrate_database(url)
+    typer.echo(f"schema at version {required_schema_version()}; applied now: {', '.join(applied) or 'nothing'}")
+
+
 def supervise() -> None:
     """(internal) Run the supervisor in the foreground; `bpo up` starts it detached."""
     import logging

@@ -22,6 +22,16 @@ class CorpusRunSummary:
     fell_back: int = 0
     failures: list[CorpusError] = field(default_factory=list)
 
+    def problem(self, max_failure_rate: float) -> str | None:
+        """Why the run did not do its work (failures beyond the share allowed, or no prompt at all), or None."""
+        total = self.done + self.skipped + self.failed
+        if total == 0:
+            return "the corpus holds no prompts"
+        rate = self.failed / total
+        if rate <= max_failure_rate:
+            return None
+        return f"{self.failed} of {total} prompts failed ({rate:.1%}, allowed {max_failure_rate:.1%})"
+
 
 def _chunks(items: Iterable[CorpusRecord], size: int) -> Iterator[list[CorpusRecord]]:
     iterator = iter(items)

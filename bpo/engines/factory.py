@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from bpo.engines.base import EngineClient, ModelIdentity
 from bpo.engines.retry import RetryPolicy
 from bpo.errors import InvalidConfigurationError
-from bpo.models.catalogue import ModelCatalogue, ModelSpec
+from bpo.models.catalogue import ModelCatalogue, ModelSpec, PromptStyle, SourceKind
 from bpo.models.prepare import ModelPreparer
 from bpo.settings import EngineSettings
 
@@ -24,7 +24,7 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
 
         return LlamaCppEngine.load(
             preparer.gguf_path(spec),
-            preparer.identity(spec),
+            model_identity(settings, spec, preparer),
             context_length=context_length,
             threads=settings.resolved_threads(),
         )
@@ -33,7 +33,7 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
 
         return TransformersEngine.load(
             preparer.hf_folder(spec),
-            preparer.identity(spec),
+            model_identity(settings, spec, preparer),
             context_length=context_length,
             device=settings.device,
             dtype=settings.dtype,
@@ -44,7 +44,7 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
 
         return VllmEngine.load(
             preparer.hf_folder(spec),
-            preparer.identity(spec),
+            model_identity(settings, spec, preparer),
             context_length=context_length,
             dtype=settings.dtype,
             kv_cache_gib=settings.vllm_kv_cache_gib,
@@ -56,7 +56,6 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
         from bpo.engines.openai_compat import OpenAICompatEngine
         from bpo.engines.ratelimit import RateLimiter
 
-        served = settings.openai_model or spec.name
         client = openai.AsyncOpenAI(
             base_url=settings.openai_base_url,
             api_key=settings.resolved_api_key(),
@@ -68,9 +67,8 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
         limiter = RateLimiter(rate, burst=max(1, math.ceil(rate))) if rate > 0 else None
         return OpenAICompatEngine(
             client,
-            served,
-            # A remote model's weights are not ours to hash: its version is the endpoint and served name.
-            ModelIdentity(spec.name, f"{served}@{settings.openai_base_url}"),
+            served_model_name(settings),
+            model_identity(settings, spec, preparer),
             context_length=settings.context_length,
             max_concurrency=settings.max_concurrency,
             retry_policy=RetryPolicy(
@@ -84,14 +82,36 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
     raise InvalidConfigurationError(f"unknown engine {settings.name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 
 
+def served_model_name(settings: EngineSettings) -> str:
+    """The model name an OpenAI-compatible endpoint receives: exactly what it was configured with."""
+    return settings.openai_model or settings.model
+
+
 def resolve_spec(settings: EngineSettings, catalogue: ModelCatalogue) -> ModelSpec:
+    """What the engine will run. The catalogue is consulted only for weights loaded in-process: a remote
+    endpoint's model names belong to the endpoint, whatever they happen to share with the catalogue."""
     if settings.name == "openai":
-        # The endpoint names its own models; the catalogue only supplies a prompt style when it knows the name.
-        try:
-            return catalogue.resolve(settings.model)
-        except Exception:
-            return catalogue.resolve(settings.openai_model or "remote/" + settings.model)
+        served = served_model_name(settings)
+        return ModelSpec(
+            name=served,
+            description=f"{served} served by {settings.openai_base_url}",
+            source=SourceKind.REMOTE,
+            prompt_style=PromptStyle(settings.openai_prompt_style),
+            licence="as the endpoint's provider states",
+            context_length=settings.context_length,
+        )
     return catalogue.resolve(settings.model)
+
+
+def model_identity(settings: EngineSettings, spec: ModelSpec, preparer: ModelPreparer) -> ModelIdentity:
+    """The one notion of a model's version, shared by whoever caches by it and whoever produces with it.
+
+    In-process weights: their pinned or content hash. A remote model's weights are not ours to hash: its
+    version is the served name at the endpoint."""
+    if settings.name == "openai":
+        served = served_model_name(settings)
+        return ModelIdentity(served, f"{served}@{settings.openai_base_url}")
+    return preparer.identity(spec)
 
 
 @asynccontextmanager

@@ -31,6 +31,8 @@ class SourceKind(StrEnum):
     PACKAGED_PARTS = "packaged-parts"
     HUB = "hub"
     LOCAL_PATH = "local-path"
+    # Served by an OpenAI-compatible endpoint: no weights here, the endpoint's own name for the model.
+    REMOTE = "remote"
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,6 +211,30 @@ class ModelPreparer:
         shutil.rmtree(folder, ignore_errors=True)
         staging.replace(folder)
 
+    # -- state -------------------------------------------------------------------------------------------
+
+    def is_prepared(self, spec: ModelSpec, kind: str) -> bool:
+        """Whether ``gguf_path`` (kind ``gguf``) or ``hf_folder`` (kind ``hf``) would return at once, without
+        installing, assembling or converting anything. Hub models are never known to be prepared."""
+        if spec.source == SourceKind.LOCAL_PATH and spec.local_path is not None:
+            path = spec.local_path
+            return path.is_file() and path.suffix == ".gguf" if kind == "gguf" else path.is_dir()
+        if spec.source not in (SourceKind.PACKAGED_GGUF, SourceKind.PACKAGED_PARTS):
+            return False
+        sources = [self._package_file_path(ref) for ref in spec.files]
+        if any(path is None for path in sources):
+            return False
+        folder = self.models_dir / spec.name
+        target = sources[0] if spec.source == SourceKind.PACKAGED_GGUF else folder / "model.gguf"
+        marker = _read_marker(folder) or {}
+        if target is None or not target.exists():
+            return False
+        if marker.get("gguf_fingerprint") != _stat_key([*(p for p in sources if p is not None), target]):
+            return False
+        if kind == "gguf":
+            return True
+        return marker.get("hf_source_fingerprint") == _stat_key([target]) and (folder / "hf" / "config.json").exists()
+
     # -- identity ----------------------------------------------------------------------------------------
 
     def identity(self, spec: ModelSpec) -> ModelIdentity:

@@ -20,7 +20,12 @@ from bpo.errors import BpoError, error_for_status
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 
-FINISHED_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_CANCELLED)
+FINISHED_STATES = (
+    pb.JOB_STATE_SUCCEEDED,
+    pb.JOB_STATE_PARTIALLY_FAILED,
+    pb.JOB_STATE_FAILED,
+    pb.JOB_STATE_CANCELLED,
+)
 
 
 def rpc_error(exc: grpc.RpcError) -> BpoError:
@@ -114,7 +119,7 @@ class JobsClient:
         *,
         timeout_s: float | None = None,
     ) -> list[pb.Job]:
-        """Poll until every job has finished (succeeded or cancelled); returns their final state."""
+        """Poll until every job has finished (in any of ``FINISHED_STATES``); returns their final state."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             jobs = [self.get(job_id) for job_id in job_ids]

@@ -8,15 +8,17 @@ The gRPC Optimizer service and the Kafka rewrite stage share this one path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from bpo.engines.factory import model_identity, resolve_spec
 from bpo.messages import from_json, params_hash, prompt_hash, rewrite_from_result, to_json
 from bpo.metrics import PlatformMetrics
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, RewriteFailure, RewriteResult
+from bpo.settings import EngineSettings
 from bpo.store.repository import PipelineStore
 from bpo.v1 import bpo_pb2 as pb
 
@@ -27,23 +29,43 @@ class OptimizerBackend(Protocol):
     ) -> list[RewriteResult | RewriteFailure]: ...
 
 
-class ModelVersions:
-    """The version a model name stands for now, without loading it (packaged weights carry a pinned hash)."""
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """What a model name stands for now: the rewrite cache's key, and the version a worker serving it reports
+    on its results (``RewriteResult.model_version``). They differ only for a registry alias, whose key names the
+    registered model too."""
 
-    def __init__(self, catalogue: ModelCatalogue, preparer: ModelPreparer, store: PipelineStore) -> None:
+    cache_key: str
+    produced_by: str
+
+
+class ModelVersions:
+    """The version a model name stands for now, without loading it, computed as the workers' engines compute
+    their own identity (``bpo.engines.factory.model_identity``) from the same engine settings."""
+
+    def __init__(
+        self,
+        catalogue: ModelCatalogue,
+        preparer: ModelPreparer,
+        store: PipelineStore,
+        engine_settings_for: Callable[[str], EngineSettings],
+    ) -> None:
         self._catalogue = catalogue
         self._preparer = preparer
         self._store = store
+        self._engine_settings_for = engine_settings_for
         self._fixed: dict[str, str] = {}
 
-    def version_of(self, model: str) -> str:
+    def version_of(self, model: str) -> ModelVersion:
         alias = self._store.resolve_alias(model)
         if alias is not None:
-            return f"{alias[0]}@{alias[1]}"
+            name, version = alias
+            return ModelVersion(f"{name}@{version}", version)
         if model not in self._fixed:
-            spec = self._catalogue.resolve(model)
-            self._fixed[model] = self._preparer.identity(spec).version
-        return self._fixed[model]
+            settings = self._engine_settings_for(model)
+            spec = resolve_spec(settings, self._catalogue)
+            self._fixed[model] = model_identity(settings, spec, self._preparer).version
+        return ModelVersion(self._fixed[model], self._fixed[model])
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +88,8 @@ class CachedRewriter:
         self._metrics = metrics
 
     async def rewrite(self, items: Sequence[pb.PromptItem], model: str, params: OptimizeParams) -> list[RewriteOutcome]:
-        version = await asyncio.to_thread(self._versions.version_of, model)
+        expected = await asyncio.to_thread(self._versions.version_of, model)
+        version = expected.cache_key
         p_hash = params_hash(params)
         outcomes: list[RewriteOutcome | None] = [None] * len(items)
         misses: list[int] = []
@@ -108,7 +131,7 @@ class CachedRewriter:
                     outcomes[index] = RewriteOutcome(rewrite, None)
                     continue
                 # An alias can move while a batch runs: cache only what the version looked up actually produced.
-                if result.model_version in (version, version.rsplit("@", 1)[-1]):
+                if result.model_version == expected.produced_by:
                     cacheable = pb.Rewrite()
                     cacheable.CopyFrom(rewrite)
                     cacheable.ClearField("item")

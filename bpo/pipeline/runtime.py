@@ -140,7 +140,7 @@ async def run_service(
 ) -> None:
     require_urls(settings)
     metrics = PlatformMetrics()
-    serve_metrics(metrics, metrics_port)
+    serve_metrics(metrics, metrics_port, settings.platform.metrics_host)
     with ExitStack() as stack:
         pool = open_pool(settings.platform.database_url)
         stack.callback(pool.close)

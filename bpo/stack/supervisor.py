@@ -27,6 +27,7 @@ from bpo.infra.postgres import EmbeddedPostgres
 from bpo.infra.process import ManagedProcess, ServiceStartError
 from bpo.infra.redis import EmbeddedRedis
 from bpo.settings import BpoSettings
+from bpo.store.db import migrate_database
 
 log = logging.getLogger(__name__)
 GRPC_SERVICES = ("jobs", "rewriter", "generator", "judge")
@@ -159,6 +160,8 @@ class Supervisor:
             signal.signal(sig, lambda *_: self._stop.set())
         try:
             self._start_infra()
+            # Before any child starts: none of them may query a table that does not exist yet.
+            migrate_database(self.state.database_url)
             self.state.addresses = self._addresses()
             commands = self._commands()
             for name, command in commands.items():

@@ -119,13 +119,21 @@ class PipelineStore:
         return updated == 1
 
     def finish_job_if_complete(self, job_id: str) -> bool:
+        """End a running job once none of its items is left to process, in the state its items earned:
+        ``succeeded`` when none failed, ``failed`` when none finished (an empty job included: nothing was
+        done), ``partially_failed`` otherwise. Rejected corpus lines count as failed items."""
         with self._pool.connection() as conn:
             return (
                 conn.execute(
-                    "UPDATE jobs SET state = 'succeeded', finished_at = now()"
-                    " WHERE job_id = %s AND state = 'running'"
+                    "UPDATE jobs SET finished_at = now(), state = CASE"
+                    " WHEN c.done = 0 THEN 'failed' WHEN c.failed > 0 THEN 'partially_failed' ELSE 'succeeded' END"
+                    " FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,"
+                    "  count(*) FILTER (WHERE status = 'failed')"
+                    "  + (SELECT count(*) FROM rejected_lines WHERE job_id = %s) AS failed"
+                    "  FROM items WHERE job_id = %s) AS c"
+                    " WHERE jobs.job_id = %s AND jobs.state = 'running'"
                     " AND NOT EXISTS (SELECT 1 FROM items WHERE job_id = %s AND status = ANY(%s))",
-                    (job_id, job_id, list(UNFINISHED)),
+                    (job_id, job_id, job_id, job_id, list(UNFINISHED)),
                 ).rowcount
                 == 1
             )

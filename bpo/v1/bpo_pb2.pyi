@@ -74,14 +74,25 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
     JOB_STATE_RUNNING: _JobState.ValueType  # 1
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 2
+    """Every item finished every stage: no item failed and no corpus line was rejected."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 3
+    JOB_STATE_PARTIALLY_FAILED: _JobState.ValueType  # 4
+    """Some items finished, some failed (or were rejected at submission); the report lists why."""
+    JOB_STATE_FAILED: _JobState.ValueType  # 5
+    """No item finished: every one failed, or the corpus held none."""
 
-class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
+    """What happened to a job once no item is left to process."""
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
 JOB_STATE_RUNNING: JobState.ValueType  # 1
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 2
+"""Every item finished every stage: no item failed and no corpus line was rejected."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 3
+JOB_STATE_PARTIALLY_FAILED: JobState.ValueType  # 4
+"""Some items finished, some failed (or were rejected at submission); the report lists why."""
+JOB_STATE_FAILED: JobState.ValueType  # 5
+"""No item finished: every one failed, or the corpus held none."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final

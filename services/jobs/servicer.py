@@ -22,6 +22,8 @@ STATE_VALUES = {
     "running": pb.JOB_STATE_RUNNING,
     "succeeded": pb.JOB_STATE_SUCCEEDED,
     "cancelled": pb.JOB_STATE_CANCELLED,
+    "partially_failed": pb.JOB_STATE_PARTIALLY_FAILED,
+    "failed": pb.JOB_STATE_FAILED,
 }
 SUBMIT_CHUNK = 256
 WATCH_INTERVAL_S = 0.5

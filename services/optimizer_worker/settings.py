@@ -17,6 +17,8 @@
     BPO_WORKER_LOG_LEVEL                Celery worker log level
     BPO_WORKER_ALIAS_CHECK_INTERVAL_S   how often (at most) a process looks up a served alias such as ``latest``
                                         in the model registry (needs BPO_PLATFORM__DATABASE_URL)
+    BPO_WORKER_SCHEMA_WAIT_S            how long a starting worker waits for the database migrations before
+                                        giving up with an error (it reads the registry, never migrates)
 
 The engine each process loads (engine name, threads, context length, state directory) comes from the platform's
 own ``BpoSettings`` (``BPO_ENGINE__*``, ``BPO_STATE_DIR``); only the model name is taken from ``models``.
@@ -62,6 +64,7 @@ class WorkerSettings(BaseSettings):
     log_level: str = "INFO"
     # One indexed lookup per served alias and process at most this often, made before a batch starts.
     alias_check_interval_s: float = Field(default=5.0, gt=0)
+    schema_wait_s: float = Field(default=120.0, ge=0)
     platform: BpoSettings = Field(default_factory=BpoSettings)
 
     @field_validator("models", mode="before")

@@ -9,6 +9,7 @@ runs one batch at a time, so more processes mean more replicas (and more memory)
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from bpo.errors import BpoError
 from bpo.settings import BpoSettings
+from bpo.store.db import wait_for_schema
 from services.optimizer_worker.app import (
     CatalogueEngineLoader,
     EngineHolder,
@@ -58,6 +60,14 @@ def run_worker(settings: WorkerSettings, node_name: str, extra_argv: Sequence[st
         # Before any metric exists: the children's samples must go to files the parent's endpoint can read.
         metrics_dir = enable_multiprocess(node_name)
     try:
+        database_url = settings.platform.platform.database_url
+        if database_url:
+            try:
+                # The registry is read before the first batch: never before its tables exist.
+                wait_for_schema(database_url, settings.schema_wait_s)
+            except BpoError as exc:
+                print(f"cannot start: {exc}", file=sys.stderr)
+                return 1
         metrics = WorkerMetrics()
         loader = CatalogueEngineLoader(settings)
         engines = EngineHolder(settings.models, loader, metrics, alias_watch_for(settings, loader))
@@ -86,6 +96,8 @@ def run_for_platform(settings: BpoSettings, name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until Celery takes over logging: what the worker says while it starts (waiting for the schema) is seen.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     extra = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = WorkerSettings()

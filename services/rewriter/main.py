@@ -28,7 +28,12 @@ async def build(runtime: Runtime) -> ServiceParts:
     settings = runtime.settings
     worker_settings = WorkerSettings.for_platform(settings)
     client = OptimizerWorkersClient(make_celery_app(worker_settings), timeout_s=settings.platform.worker_timeout_s)
-    versions = ModelVersions(ModelCatalogue(), ModelPreparer(settings.models_dir, install_missing=None), runtime.store)
+    versions = ModelVersions(
+        ModelCatalogue(),
+        ModelPreparer(settings.models_dir, install_missing=None),
+        runtime.store,
+        worker_settings.engine_settings_for,
+    )
     rewriter = CachedRewriter(runtime.store, client, versions, runtime.metrics)
     servicer = OptimizerServicer(
         rewriter,

@@ -16,6 +16,7 @@ from bpo.engines.llamacpp_server import serve_gguf
 from bpo.models.catalogue import ModelCatalogue, ModelSpec
 from bpo.models.prepare import ModelPreparer
 from bpo.settings import BpoSettings, EngineSettings
+from tests.integration.services import postgres_server, redis_server
 
 MODEL = "smollm2-135m-instruct"
 THREADS = 2
@@ -62,3 +63,17 @@ def llama_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -
     except Exception:
         print(log_path.read_text(errors="replace")[-4000:])
         raise
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server for the session (configured, or embedded): tests make their own databases on it."""
+    with postgres_server(tmp_path_factory.mktemp("postgres-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server for the session (configured, or embedded): tests take their own database numbers."""
+    with redis_server(tmp_path_factory.mktemp("redis-server")) as url:
+        yield url

@@ -27,18 +27,18 @@ from services.optimizer_worker.app import make_celery_app, queue_for_model
 from services.optimizer_worker.client import OptimizerWorkersClient
 from services.optimizer_worker.settings import WorkerSettings
 from services.optimizer_worker.tasks import OPTIMIZE_BATCH_TASK
+from tests.integration.services import redis_database
 from tests.integration.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_DB = 15
 MODEL = "smollm2-135m-instruct"
 QUEUE = queue_for_model(MODEL)
 # The settings insist on a visibility timeout above twice the time limit plus the longest retry delay.
 VISIBILITY_TIMEOUT_S = 55
 TASK_TIME_LIMIT_S = 25
 WORKER_ENV = {
-    "BPO_WORKER_BROKER_URL": REDIS_URL,
     "BPO_WORKER_MODELS": MODEL,
     "BPO_WORKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
     "BPO_WORKER_TASK_TIME_LIMIT_S": str(TASK_TIME_LIMIT_S),
@@ -87,28 +87,30 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def worker_process(log_path: Path, metrics_port: int = 0) -> WorkerProcess:
-    return WorkerProcess(log_path, WORKER_ENV | {"BPO_WORKER_METRICS_PORT": str(metrics_port)})
+def worker_process(log_path: Path, broker_url: str, metrics_port: int = 0) -> WorkerProcess:
+    return WorkerProcess(
+        log_path, WORKER_ENV | {"BPO_WORKER_BROKER_URL": broker_url, "BPO_WORKER_METRICS_PORT": str(metrics_port)}
+    )
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis answers at {REDIS_URL} ({exc}); these tests need one until the embedded one is wired in")
-    client.flushdb()
+def broker_url(redis_server_url: str) -> str:
+    return redis_database(redis_server_url, REDIS_DB)
+
+
+@pytest.fixture(scope="module")
+def broker(broker_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=1)
     yield client
     client.flushdb()
     client.close()
 
 
 @pytest.fixture(scope="module")
-def settings(broker: redis.Redis) -> WorkerSettings:
+def settings(broker: redis.Redis, broker_url: str) -> WorkerSettings:
     return WorkerSettings.model_validate(
         {
-            "broker_url": REDIS_URL,
+            "broker_url": broker_url,
             "models": [MODEL],
             "visibility_timeout_s": VISIBILITY_TIMEOUT_S,
             "task_time_limit_s": TASK_TIME_LIMIT_S,
@@ -131,10 +133,12 @@ async def client(app: Any) -> AsyncIterator[OptimizerWorkersClient]:
 
 
 @pytest.fixture(scope="class")
-def worker(broker: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerProcess, int]]:
+def worker(
+    broker: redis.Redis, broker_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[WorkerProcess, int]]:
     """A worker shared by one class's tests, and gone before the next class: it would serve their queue too."""
     port = free_port()
-    process = worker_process(tmp_path_factory.mktemp("worker") / "worker.log", metrics_port=port)
+    process = worker_process(tmp_path_factory.mktemp("worker") / "worker.log", broker_url, metrics_port=port)
     yield process, port
     code = process.stop()
     print(process.log()[-3000:])
@@ -213,9 +217,9 @@ class TestOneWorker:
 
 
 async def test_a_task_survives_its_whole_worker_being_killed(
-    app: Any, client: OptimizerWorkersClient, broker: redis.Redis, tmp_path: Path
+    app: Any, client: OptimizerWorkersClient, broker: redis.Redis, broker_url: str, tmp_path: Path
 ) -> None:
-    first = worker_process(tmp_path / "first.log")
+    first = worker_process(tmp_path / "first.log", broker_url)
     second: WorkerProcess | None = None
     try:
         task_id = f"worker-killed-{uuid.uuid4()}"
@@ -228,7 +232,7 @@ async def test_a_task_survives_its_whole_worker_being_killed(
         # Nobody is left to put the task back: it waits, unacknowledged, for the visibility timeout.
         assert broker.hlen("unacked") == 1
         assert broker.llen(QUEUE) == 0
-        second = worker_process(tmp_path / "second.log")
+        second = worker_process(tmp_path / "second.log", broker_url)
         outcomes = await pending
         assert_real_rewrites(outcomes, LONG_PROMPTS)
         assert await logged_success(second, task_id) == 1

@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 
 from bpo.cli.main import app as cli
 from bpo.engines.base import EngineClient
-from bpo.infra.redis import EmbeddedRedis
 from bpo.pairs.build import BuildConfig, build_pairs
 from bpo.pairs.construct import BPO_AUTHORS_MODEL, prompt_version
 from bpo.pairs.filters import KEPT, PREFILTER_DECISIONS
@@ -34,17 +33,14 @@ from bpo.store.db import migrate, open_pool
 from bpo.store.pairs import PairsStore
 from bpo.store.repository import Pool
 from tests.integration.conftest import MODEL
-from tests.integration.databases import fresh_database
+from tests.integration.services import fresh_database, redis_database
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not (DATA := Path(__file__).resolve().parents[3] / "shared" / "data").is_dir(),
-                       reason="the shared data folder (../shared/data) is not here"),
-]  # fmt: skip
+pytestmark = pytest.mark.integration
 
-BPO_VAL = DATA / "thu-coai_BPO" / "eef4e1f" / "val.json"
-HH_TEST = DATA / "anthropics_hh-rlhf" / "harmless-base" / "test.jsonl"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The licence-clean part of the BPO authors' records, and HH-RLHF's own format (see each folder's README).
+BPO_VAL = REPO_ROOT / "tests" / "data" / "bpo" / "val_oasst1_hh_rlhf.json"
+HH_TEST = REPO_ROOT / "tests" / "data" / "hh_rlhf" / "harmless_base_test_single_turn.jsonl"
 # Short answers keep five CPU generations within seconds; the length filter then judges what came out.
 MAX_NEW_TOKENS = 24
 KNOWN_DECISIONS = {KEPT, *PREFILTER_DECISIONS} | {
@@ -56,8 +52,8 @@ KNOWN_DECISIONS = {KEPT, *PREFILTER_DECISIONS} | {
 
 
 @pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
-    with fresh_database("bpo_pairs") as url:
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    with fresh_database(postgres_admin_url, "bpo_pairs") as url:
         yield url
 
 
@@ -101,25 +97,20 @@ def decisions(store: PairsStore, dataset: str, model: str) -> dict[str, str | No
 def test_import_bpo_val_and_its_published_pairs(database_url: str, store: PairsStore) -> None:
     run_cli(database_url, "pairs", "import", str(BPO_VAL), "--format", "bpo", "--dataset", "bpo-val")
     again = run_cli(database_url, "pairs", "import", str(BPO_VAL), "--format", "bpo", "--dataset", "bpo-val")
-    assert "300 records (0 new, 300 already there)" in again.output
+    assert "103 records (0 new, 103 already there)" in again.output
     assert "decided now 0" in again.output
 
     stats = json.loads(run_cli(database_url, "pairs", "stats", "--dataset", "bpo-val", "--json").stdout)
     by_source = {row["source"]: row["records"] for row in stats["records"]}
-    assert by_source == {
-        "bpo/Chatbot_Arena_Conversation": 99,
-        "bpo/alpaca-gpt4": 98,
-        "bpo/oasst1": 63,
-        "bpo/hh-rlhf": 40,
-    }
+    assert by_source == {"bpo/oasst1": 63, "bpo/hh-rlhf": 40}
     licences = {row["source"]: row["licence"] for row in stats["records"]}
-    assert licences["bpo/alpaca-gpt4"] == "CC-BY-NC-4.0" and licences["bpo/oasst1"] == "Apache-2.0"
+    assert licences == {"bpo/oasst1": "Apache-2.0", "bpo/hh-rlhf": "MIT"}, licences
     (construction,) = stats["constructions"]
     assert construction["constructor_model"] == BPO_AUTHORS_MODEL
-    assert construction["decided"] == 300
-    assert sum(construction["decisions"].values()) == 300
+    assert construction["decided"] == 103
+    assert sum(construction["decisions"].values()) == 103
     # The published pairs mostly pass the paper's own filters; those that do not are counted, not hidden.
-    assert 250 < construction["kept"] < 300
+    assert 80 < construction["kept"] < 103
     assert construction["decisions"]["dropped:length_ratio"] > 0
     for side in ("x_user", "x_opt"):
         assert (
@@ -134,7 +125,7 @@ def test_import_bpo_val_and_its_published_pairs(database_url: str, store: PairsS
     assert kept == store.kept_pairs(["bpo-val"], constructor_model=BPO_AUTHORS_MODEL)
     assert [p.pair_id for p in kept] == sorted(p.pair_id for p in kept)
     records = {r.record_id: r for r, _ in store.records_with_decisions("bpo-val", BPO_AUTHORS_MODEL, prompt_version())}
-    assert any(records[p.record_id].context for p in kept), "val.json has records with a context"
+    # (Only the Alpaca-GPT4 records carry a context; the context layouts are tested in tests/unit/test_pairs_*.)
     for pair in kept:
         # Kept published pairs are the authors' own text, context joins included.
         extra = records[pair.record_id].extra
@@ -180,9 +171,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port()) as redis:
-        yield redis.url
+def redis_url(redis_server_url: str) -> str:
+    return redis_database(redis_server_url, 9)
 
 
 def test_build_without_a_worker_points_to_local(database_url: str, redis_url: str, tmp_path: Path) -> None:

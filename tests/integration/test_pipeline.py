@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,22 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from bpo.infra.postgres import postgres_reachable
-from bpo.infra.redis import redis_reachable
 from bpo.stack.isolated import isolated_platform_env
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
+from tests.integration.platform import bpo, jobs_stub, platform_logs, running_platform, shared_models_dir, state
+from tests.integration.services import fresh_database, redis_database
 
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
-MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-MACHINE_REDIS = "redis://127.0.0.1:6379/13"
 PROMPTS = [
     "How can I improve my time management skills?",
     "What are the most effective ways to deal with stress?",
@@ -59,23 +54,16 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
-    """A fresh database on the machine's Postgres when there is one; otherwise the platform embeds its own."""
-    if not postgres_reachable(MACHINE_POSTGRES):
-        yield ""
-        return
-    name = f"bpo_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield MACHINE_POSTGRES.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(MACHINE_POSTGRES, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh database on the session's Postgres: the platform is pointed at it (the configured-URL path)."""
+    with fresh_database(postgres_admin_url, "bpo_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def stack_env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def stack_env(database_url: str, redis_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     state_dir = tmp_path_factory.mktemp("stack")
-    models = Path(os.environ.get("BPO_STATE_DIR", Path.home() / ".cache" / "bpo")) / "models"
+    models = shared_models_dir()
     env = isolated_platform_env(
         state_dir,
         models,
@@ -93,46 +81,18 @@ def stack_env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> di
             "BPO_WORKER_UNACKED_RESTORE_INTERVAL_S": "5",
         },
     )
-    if redis_reachable(MACHINE_REDIS):
-        env["BPO_PLATFORM__REDIS_URL"] = MACHINE_REDIS
-        import redis
-
-        redis.Redis.from_url(MACHINE_REDIS).flushdb()
+    env["BPO_PLATFORM__REDIS_URL"] = redis_database(redis_server_url, 13)
     return env
-
-
-def bpo(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bpo.cli.main", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def stack(stack_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    started = bpo(stack_env, "up")
-    assert started.returncode == 0, started.stdout + started.stderr + _logs(stack_env)
-    try:
-        yield stack_env
-    finally:
-        stopped = bpo(stack_env, "down")
-        assert stopped.returncode == 0, stopped.stderr
-
-
-def _logs(env: dict[str, str]) -> str:
-    folder = Path(env["BPO_STATE_DIR"]) / "stack" / "logs"
-    if not folder.exists():
-        return ""
-    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(folder.glob("*.log")))
-
-
-def state(env: dict[str, str]) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((Path(env["BPO_STATE_DIR"]) / "stack" / "state.json").read_text())
-    return data
+    with running_platform(stack_env) as env:
+        yield env
 
 
 def jobs(env: dict[str, str]) -> pb_grpc.JobsServiceStub:
-    return pb_grpc.JobsServiceStub(grpc.insecure_channel(state(env)["addresses"]["jobs"]))
+    return jobs_stub(env)
 
 
 def write_corpus(path: Path, prompts: list[str], *, bad_lines: bool = False) -> Path:
@@ -152,7 +112,7 @@ def write_corpus(path: Path, prompts: list[str], *, bad_lines: bool = False) -> 
 def submit(env: dict[str, str], corpus: Path, *extra: str) -> str:
     result = bpo(env, "submit", str(corpus), "--target-max-tokens", "40", "--judge-max-tokens", "48", "--seed", "3",
                  *extra)  # fmt: skip
-    assert result.returncode == 0, result.stderr + _logs(env)
+    assert result.returncode == 0, result.stderr + platform_logs(env)
     return result.stdout.strip().splitlines()[-1]
 
 
@@ -164,7 +124,7 @@ def wait_done(env: dict[str, str], job_id: str, timeout_s: float = 900) -> pb.Jo
         if job.state != pb.JOB_STATE_RUNNING:
             return job
         time.sleep(1)
-    raise AssertionError(f"job {job_id} not done in {timeout_s}s\n{_logs(env)}")
+    raise AssertionError(f"job {job_id} not done in {timeout_s}s\n{platform_logs(env)}")
 
 
 def verdict_rows(env: dict[str, str], job_id: str) -> list[dict[str, Any]]:
@@ -221,7 +181,8 @@ def test_optimize_over_grpc_and_error_codes(stack: dict[str, str]) -> None:
 def test_twenty_prompts_through_every_stage(stack: dict[str, str], tmp_path: Path) -> None:
     job_id = submit(stack, write_corpus(tmp_path / "c.jsonl", PROMPTS, bad_lines=True))
     job = wait_done(stack, job_id)
-    assert job.state == pb.JOB_STATE_SUCCEEDED
+    # Bad corpus lines and an over-long prompt failed with their reasons; every other item finished.
+    assert job.state == pb.JOB_STATE_PARTIALLY_FAILED
     rows = verdict_rows(stack, job_id)
     good = [r for r in rows if r["status"] == "done"]
     assert len(good) == 20 and len({r["item_id"] for r in good}) == 20
@@ -263,7 +224,7 @@ def test_eval_through_the_platform_writes_a_complete_report(stack: dict[str, str
             "--optimizer", MODEL, "--target", MODEL, "--judge", MODEL, "--target-max-tokens", "40",
             "--judge-max-tokens", "48", "--bootstrap", "200", "--out", str(out)]  # fmt: skip
     result = bpo(stack, *args)
-    assert result.returncode == 0, result.stderr + _logs(stack)
+    assert result.returncode == 0, result.stderr + platform_logs(stack)
     assert "| six |" in result.stdout  # the summary table is printed
 
     report = json.loads((out / "report.json").read_text())
@@ -311,8 +272,13 @@ def test_augment_writes_alpaca_records(stack: dict[str, str], tmp_path: Path) ->
         {"instruction": "", "input": "", "output": "no instruction: rejected with its reason"},
     ]))  # fmt: skip
     out = tmp_path / "augmented.jsonl"
-    result = bpo(stack, "augment", str(dataset), "--model", MODEL, "--max-tokens", "32", "--out", str(out))
-    assert result.returncode == 0, result.stderr + _logs(stack)
+    args = ["augment", str(dataset), "--model", MODEL, "--max-tokens", "32", "--out", str(out)]
+    # One record of three has no instruction: that fails it, so the job is only partly done.
+    strict = bpo(stack, *args)
+    assert strict.returncode == 1, strict.stderr + platform_logs(stack)
+    assert "partially failed: 1 of 3 items failed (33.3%, allowed 0.0%)" in strict.stderr
+    result = bpo(stack, *args, "--max-failure-rate", "0.34")
+    assert result.returncode == 0, result.stderr + platform_logs(stack)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"output": str(out), "written": 2, "failed": 1}
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["instruction"] for r in records] == ["Summarize the text in one sentence.", "Name a primary colour."]
@@ -358,7 +324,7 @@ def test_job_survives_down_and_up(stack: dict[str, str], tmp_path: Path) -> None
     down = bpo(stack, "down")
     assert down.returncode == 0, down.stderr
     up = bpo(stack, "up")
-    assert up.returncode == 0, up.stderr + _logs(stack)
+    assert up.returncode == 0, up.stderr + platform_logs(stack)
     job = wait_done(stack, job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED
     rows = verdict_rows(stack, job_id)

@@ -18,7 +18,7 @@ from bpo.pipeline.report import build_report
 from bpo.store.db import migrate, migration_scripts, open_pool
 from bpo.store.repository import JobRow, NewItem, PipelineStore, StageCounts, item_id_for
 from bpo.v1 import bpo_pb2 as pb
-from tests.integration.databases import fresh_database
+from tests.integration.services import fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,8 @@ class Db:
 
 
 @pytest.fixture(scope="module")
-def db() -> Iterator[Db]:
-    with fresh_database("bpo_store") as url:
+def db(postgres_admin_url: str) -> Iterator[Db]:
+    with fresh_database(postgres_admin_url, "bpo_store") as url:
         pool = open_pool(url, min_size=1, max_size=2)
         try:
             applied = migrate(pool)
@@ -254,10 +254,33 @@ def test_finish_job_only_when_nothing_is_unfinished(store: PipelineStore) -> Non
     assert store.finish_job_if_complete(job.job_id)
     assert not store.finish_job_if_complete(job.job_id)
     finished = store.get_job(job.job_id)
-    assert finished is not None and finished.state == "succeeded" and finished.finished_at_ms > 0
+    # One item done, one failed: the job ends saying so.
+    assert finished is not None and finished.state == "partially_failed" and finished.finished_at_ms > 0
 
     empty = store.create_job("all lines rejected", {}, ALL)
     assert store.finish_job_if_complete(empty)
+    ended = store.get_job(empty)
+    assert ended is not None and ended.state == "failed"  # nothing was done
+
+
+@pytest.mark.parametrize(
+    ("done", "failed", "rejected", "state"),
+    [(2, 0, 0, "succeeded"), (1, 1, 0, "partially_failed"), (2, 0, 1, "partially_failed"), (0, 2, 0, "failed"),
+     (0, 0, 2, "failed")],
+)  # fmt: skip
+def test_a_finished_job_says_what_happened(
+    store: PipelineStore, done: int, failed: int, rejected: int, state: str
+) -> None:
+    job, items = job_with(store, [f"i{n}" for n in range(done + failed)], ("rewrite",))
+    for item in items[:done]:
+        assert rewrite(store, item, final=True)
+    for item in items[done:]:
+        assert store.mark_failed(item, "rewrite", "bad")
+    for line in range(rejected):
+        store.add_rejected(job.job_id, 100 + line, "not JSON")
+    assert store.finish_job_if_complete(job.job_id)
+    ended = store.get_job(job.job_id)
+    assert ended is not None and ended.state == state
 
 
 def test_unfinished_items_and_the_stage_each_needs_next(store: PipelineStore) -> None:

@@ -33,7 +33,7 @@ from bpo.store.repository import PipelineStore
 from services.optimizer_worker.app import RegistryAliases, make_celery_app
 from services.optimizer_worker.client import OptimizerWorkersClient
 from services.optimizer_worker.settings import WorkerSettings
-from tests.integration.databases import fresh_database
+from tests.integration.services import fresh_database, redis_database
 from tests.integration.worker_process import WorkerProcess
 from training.config import TrainConfig
 from training.job import run_job
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.integration
 OUT = "bpo-it"
 DATASET = "it-pairs"
 ALIAS = "latest"
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_DB = 10
 GREEDY = OptimizeParams(temperature=0.0, max_new_tokens=64, seed=0)
 PROMPTS = [
     PromptInput("Tell me about black holes."),
@@ -84,8 +84,8 @@ def insert_pairs(url: str, pairs: list[tuple[str, str]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    with fresh_database("bpo_train") as url:
+def database(postgres_admin_url: str) -> Iterator[str]:
+    with fresh_database(postgres_admin_url, "bpo_train") as url:
         pool = open_pool(url, min_size=1, max_size=1)
         migrate(pool)
         pool.close()
@@ -199,11 +199,11 @@ def test_the_gguf_rewrites_in_llamacpp_and_agrees_with_the_hf_folder(trained: Tr
     assert agreement >= 0.9, agreement
 
 
-def worker_process(log_path: Path, database: str) -> WorkerProcess:
+def worker_process(log_path: Path, database: str, broker_url: str) -> WorkerProcess:
     return WorkerProcess(
         log_path,
         {
-            "BPO_WORKER_BROKER_URL": REDIS_URL,
+            "BPO_WORKER_BROKER_URL": broker_url,
             "BPO_WORKER_MODELS": ALIAS,
             "BPO_WORKER_VISIBILITY_TIMEOUT_S": "55",
             "BPO_WORKER_TASK_TIME_LIMIT_S": "25",
@@ -217,13 +217,13 @@ def worker_process(log_path: Path, database: str) -> WorkerProcess:
 
 
 @pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis answers at {REDIS_URL} ({exc})")
-    client.flushdb()
+def broker_url(redis_server_url: str) -> str:
+    return redis_database(redis_server_url, REDIS_DB)
+
+
+@pytest.fixture
+def broker(broker_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=1)
     yield client
     client.flushdb()
     client.close()
@@ -245,13 +245,13 @@ def versions(outcomes: list[Any]) -> set[tuple[str, str]]:
 
 
 async def test_registering_a_version_switches_a_running_worker(
-    trained: TrainResult, second: TrainResult, database: str, broker: redis.Redis, tmp_path: Path
+    trained: TrainResult, second: TrainResult, database: str, broker: redis.Redis, broker_url: str, tmp_path: Path
 ) -> None:
     assert second.version != trained.version
-    settings = WorkerSettings.model_validate({"broker_url": REDIS_URL, "models": [ALIAS]})
+    settings = WorkerSettings.model_validate({"broker_url": broker_url, "models": [ALIAS]})
     app = make_celery_app(settings)
     client = OptimizerWorkersClient(app, timeout_s=120)
-    worker = worker_process(tmp_path / "worker.log", database)
+    worker = worker_process(tmp_path / "worker.log", database, broker_url)
     pool = open_pool(database, min_size=1, max_size=1)
     try:
         first = await client.optimize_batch(ALIAS, GREEDY, PROMPTS[:1])

@@ -28,7 +28,7 @@ from bpo.metrics import PlatformMetrics
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, RewriteFailure, RewriteResult
 from bpo.pipeline.jobspec import JobLookup, ResolvedJob, endpoint_key, resolve, stages_of
 from bpo.pipeline.report import build_report
-from bpo.pipeline.rewriting import CachedRewriter, ModelVersions
+from bpo.pipeline.rewriting import CachedRewriter, ModelVersion, ModelVersions
 from bpo.pipeline.stage import PermanentItemError, Stage, StageContext, Work
 from bpo.settings import PlatformSettings
 from bpo.store.repository import JobRow, PipelineStore
@@ -397,8 +397,8 @@ class FixedVersions(ModelVersions):
     def __init__(self, version: str = "1") -> None:  # no catalogue: a fixed version per model name
         self.version = version
 
-    def version_of(self, model: str) -> str:
-        return f"{model}@{self.version}"
+    def version_of(self, model: str) -> ModelVersion:
+        return ModelVersion(f"{model}@{self.version}", f"{model}@{self.version}")
 
 
 class FakeBackend:
