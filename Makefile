@@ -48,7 +48,28 @@ $(LLAMA_STAMP):
 	rm -f $(VENV)/.llama-cpp-*
 	touch $(LLAMA_STAMP)
 
-$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP)
+# Prometheus and promtool (the alert rules' tests, the scrape test, `bpo up --with-prometheus`). No PyPI wheel ships
+# them, so they come from Debian's prometheus package: downloaded and unpacked into .venv/bin, never installed, so
+# no root is needed. `apt-get download` uses the machine's package lists when they know the package, else a private
+# copy of the lists fetched first (apt-get update into a temporary folder works unprivileged). Only the two binaries
+# are used (they need nothing but libc); the package's own dependencies (adduser, its classic UI's JavaScript) are not.
+PROMETHEUS_STAMP := $(BIN)/promtool
+
+$(PROMETHEUS_STAMP):
+	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || { \
+		echo "Prometheus' binaries come from Debian's prometheus package: apt-get and dpkg-deb are needed"; exit 1; }
+	mkdir -p $(BIN)
+	set -euo pipefail; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; cd "$$work"; \
+	if ! apt-get download prometheus >/dev/null 2>&1; then \
+		mkdir -p lists/partial cache/archives/partial; \
+		private="-o Dir::State::Lists=$$work/lists -o Dir::Cache=$$work/cache -o Debug::NoLocking=1"; \
+		apt-get $$private -qq update && apt-get $$private -qq download prometheus; \
+	fi; \
+	dpkg-deb -x prometheus_*.deb unpacked; \
+	install -m 0755 unpacked/usr/bin/prometheus unpacked/usr/bin/promtool "$(abspath $(BIN))/"
+	$(BIN)/promtool --version | head -1
+
+$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) $(PROMETHEUS_STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel
 	$(PIP) install --quiet "$(TORCH)" $(TORCH_INDEX)
@@ -91,7 +112,7 @@ down: install ## Stop the platform (jobs and data stay)
 
 .PHONY: test
 test: install models ## Install everything and run every test (unit, then integration with real weights)
-	$(MAKE) --no-print-directory proto-check lint typecheck
+	$(MAKE) --no-print-directory proto-check api-check lint typecheck
 	$(BIN)/python -m pytest tests/unit -m unit -q $(PYTEST_ARGS)
 	$(BIN)/python -m pytest tests/integration -m integration -q $(PYTEST_ARGS)
 
@@ -133,10 +154,22 @@ proto-check: install ## Lint the protos (buf) and fail when the checked-in gener
 		cmp -s "$$tmp/$$f" "$$f" || { echo "generated code is stale: $$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "protos lint clean; generated code up to date"
 
+# The baseline is the commit before HEAD: on a clean clone of main that is the previous main, and in a working tree
+# it covers both the last commit and any uncommitted change to proto/.
+.PHONY: api-check
+api-check: install ## buf breaking: bpo.v1 stays wire- and JSON-compatible with the previous main (removed fields reserved)
+	@base=$$(git rev-parse --verify -q HEAD~1) || { echo "api-check needs the git history: no HEAD~1 here"; exit 1; }; \
+	$(BIN)/buf breaking proto --against ".git#ref=$$base,subdir=proto" && echo "bpo.v1 is wire-compatible with $$base"
+
+.PHONY: dashboards
+dashboards: install ## Regenerate the Grafana dashboards' JSON and the k8s PrometheusRule from their sources
+	$(BIN)/python -m bpo.observability
+
 .PHONY: bench
-bench: install models ## Benchmarks: optimizer throughput per engine; pipeline overhead (JSON + tables in benchmarks/results)
+bench: install models ## Benchmarks: engine throughput, pipeline overhead, the platform's ceiling (JSON + tables in benchmarks/results)
 	$(BIN)/python benchmarks/optimizer_throughput.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/platform_ceiling.py
 
 .PHONY: clean
 clean: ## Remove the virtual environment and build outputs (prepared models stay in the state dir)

@@ -38,6 +38,7 @@ from bpo.infra.redis import redis_reachable
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, PromptOptimizer, RewriteResult
+from bpo.pipeline.client import ADMIN_TOKEN_FILE, with_bearer_token
 from bpo.settings import BpoSettings, EngineSettings
 from bpo.stack.isolated import isolated_platform_env
 from bpo.v1 import bpo_pb2 as pb
@@ -102,7 +103,8 @@ def pipeline(texts: list[str]) -> dict[str, Any]:
     if up.returncode != 0:
         raise RuntimeError(up.stdout + up.stderr)
     try:
-        stub = pb_grpc.JobsServiceStub(grpc.insecure_channel(f"127.0.0.1:{jobs_port}"))
+        token = (state_dir / "stack" / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+        stub = pb_grpc.JobsServiceStub(with_bearer_token(grpc.insecure_channel(f"127.0.0.1:{jobs_port}"), token))
         spec = pb.JobSpec(name="pipeline-overhead", params=pb.OptimizeParams(seed=0), stages=[pb.STAGE_REWRITE])
         requests = [pb.SubmitJobRequest(spec=spec)] + [
             pb.SubmitJobRequest(item=pb.PromptItem(source_id=str(i), prompt=t, line=i + 1)) for i, t in enumerate(texts)

@@ -62,6 +62,24 @@ class CorpusFormatError(BpoError):
     status_code = "INVALID_ARGUMENT"
 
 
+class UnauthenticatedError(BpoError):
+    """No token, a malformed one, or one that is not (or no longer) valid."""
+
+    status_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(BpoError):
+    """The caller is known but may not do this (a disabled team, an endpoint it may not use)."""
+
+    status_code = "PERMISSION_DENIED"
+
+
+class QuotaExceededError(BpoError):
+    """A team quota is used up; the message names the quota and when it resets."""
+
+    status_code = "RESOURCE_EXHAUSTED"
+
+
 def error_for_status(status_code: str, message: str) -> BpoError:
     """Rebuild an error from a status code carried across a process boundary (a batch result, a task)."""
     for cls in (
@@ -71,6 +89,8 @@ def error_for_status(status_code: str, message: str) -> BpoError:
         ModelIntegrityError,
         EngineUnavailableError,
         EngineOverloadedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
     ):
         if cls.status_code == status_code:
             return cls(message)

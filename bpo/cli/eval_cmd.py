@@ -16,6 +16,7 @@ from bpo.cli.jobs_cmd import MaxFailureRate, endpoint, jobs_address, require_suc
 from bpo.corpus.formats import CorpusError
 from bpo.errors import InvalidConfigurationError
 from bpo.evaluation.augment import alpaca_record
+from bpo.evaluation.calibration import calibration_status
 from bpo.evaluation.report import EvalReport, write_report
 from bpo.evaluation.runner import (
     VARIANT_BPO,
@@ -26,8 +27,9 @@ from bpo.evaluation.runner import (
     corpus_path,
     with_kept_by_round,
 )
-from bpo.judging.pairwise import JUDGE_TEMPLATES
+from bpo.judging.pairwise import DEFAULT_JUDGE_TEMPLATE, JUDGE_TEMPLATES
 from bpo.pipeline.client import JobsClient, corpus_entries
+from bpo.pipeline.jobspec import DEFAULT_JUDGE_TOKENS
 from bpo.pipeline.outcome import JobOutcome
 from bpo.settings import BpoSettings
 from bpo.v1 import bpo_pb2 as pb
@@ -55,19 +57,17 @@ def eval_(
         typer.Option("--set", help="vicuna, dolly, self-instruct, bpo-test, or a corpus file; repeatable."),
     ],
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts of each set.")] = None,
-    target: Annotated[str | None, typer.Option(help="Target model (default: the platform's).")] = None,
-    target_engine: Annotated[str | None, typer.Option(help="Target engine (openai for an endpoint).")] = None,
-    target_url: Annotated[str | None, typer.Option(help="Target OpenAI-compatible base URL.")] = None,
-    target_key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target: a declared endpoint (default: the platform's).")] = None,
     target_max_tokens: Annotated[int, typer.Option(help="Max new tokens of each answer (0: default).")] = 0,
-    judge: Annotated[str | None, typer.Option(help="Judge model (default: the platform's).")] = None,
-    judge_engine: Annotated[str | None, typer.Option(help="Judge engine (openai for an endpoint).")] = None,
-    judge_url: Annotated[str | None, typer.Option(help="Judge OpenAI-compatible base URL.")] = None,
-    judge_key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    judge: Annotated[str | None, typer.Option(help="Judge: a declared endpoint (default: the platform's).")] = None,
     judge_max_tokens: Annotated[int, typer.Option(help="Max new tokens of each judgement (0: default).")] = 0,
-    judge_template: Annotated[str, typer.Option(help="pair-v2 (MT-bench) or ranking (AlpacaEval style).")] = (
-        "pair-v2"
-    ),
+    judge_template: Annotated[
+        str,
+        typer.Option(
+            help="pair-v2 (MT-bench, as the paper ran it), ranking (AlpacaEval style), or either with prompting "
+            "variants (+rubric, +verdict-first, +vote3; see `bpo judge calibrate`)."
+        ),
+    ] = DEFAULT_JUDGE_TEMPLATE,
     optimizer: Annotated[str | None, typer.Option(help="The trained optimizer (default: the platform's).")] = None,
     rounds: Annotated[int, typer.Option(min=1, max=5, help="Evaluate rounds 1..N of iterative rewriting.")] = 1,
     ablation: Annotated[
@@ -83,6 +83,8 @@ def eval_(
 ) -> None:
     """Original vs optimized answers, judged in both orders (the paper's Table 3 protocol), as a report.
 
+    The report shows the judge's calibration (`bpo judge calibrate`) beside every ΔWR and warns, in the report
+    and on stderr, when there is none or the judge's accuracy interval includes 50%.
     Exits non-zero when a job's items failed beyond --max-failure-rate, or a comparison has no judged item."""
     settings = BpoSettings()
     if judge_template not in JUDGE_TEMPLATES:
@@ -99,16 +101,15 @@ def eval_(
         variants=tuple(variants),
         rounds=rounds,
         limit=limit,
-        target=endpoint(
-            target_engine, target or settings.platform.target_model, target_url, target_key_env, target_max_tokens
-        ),
-        judge=endpoint(
-            judge_engine, judge or settings.platform.judge_model, judge_url, judge_key_env, judge_max_tokens
-        ),
+        target=endpoint(target or settings.platform.target_model, target_max_tokens),
+        judge=endpoint(judge or settings.platform.judge_model, judge_max_tokens),
         judge_template=judge_template,
         seed=seed,
     )
-    with JobsClient(jobs_address(settings)) as client:
+    calibration = calibration_status(
+        settings, plan.judge.model, judge_template, judge_max_tokens or DEFAULT_JUDGE_TOKENS
+    )
+    with JobsClient(jobs_address(settings), settings) as client:
         runner = EvalRunner(client, out)
         jobs = runner.submit(plan, _bad_line)
         typer.secho(f"{len(jobs)} jobs: " + ", ".join(j.job_id for j in jobs), err=True)
@@ -125,10 +126,13 @@ def eval_(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         settings=plan.settings() | {"bootstrap": bootstrap, "command": shlex.join(["bpo", *sys.argv[1:]])},
         comparisons=tuple(comparisons),
+        judge_calibration=calibration,
     )
     paths = write_report(report, out, bootstrap_samples=bootstrap, seed=seed)
     markdown = paths["markdown"].read_text(encoding="utf-8")
     typer.echo("## Results" + markdown.split("\n## Results", 1)[1].split("\n## ", 1)[0].rstrip())
+    for warning in report.judge_warnings():
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.secho("report: " + ", ".join(str(p) for p in paths.values()), err=True)
     empty = [
         f"{c.set_name} / {c.variant} / {c.rounds} round(s) (job {c.job_id}): no item was judged, n = 0"
@@ -140,10 +144,7 @@ def eval_(
 
 def augment(
     path: Annotated[Path, typer.Argument(help="Instruction dataset: Alpaca JSON/JSONL, or any prompt corpus.")],
-    model: Annotated[str | None, typer.Option(help="The model that regenerates the answers.")] = None,
-    engine: Annotated[str | None, typer.Option(help="Its engine (openai for an endpoint).")] = None,
-    url: Annotated[str | None, typer.Option(help="Its OpenAI-compatible base URL.")] = None,
-    key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    model: Annotated[str | None, typer.Option(help="The declared endpoint that regenerates the answers.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Max new tokens of each answer (0: default).")] = 0,
     optimizer: Annotated[str | None, typer.Option(help="Optimizer model (default: the platform's).")] = None,
     rounds: Annotated[int, typer.Option(min=1, max=5, help="Iterative rewriting rounds.")] = 1,
@@ -163,10 +164,10 @@ def augment(
         name=f"augment/{path.stem}",
         optimizer_model=optimizer or "",
         params=pb.OptimizeParams(rounds=rounds, seed=seed),
-        target=endpoint(engine, model, url, key_env, max_tokens),
+        target=endpoint(model, max_tokens),
         stages=[pb.STAGE_REWRITE, pb.STAGE_GENERATE],
     )
-    with JobsClient(jobs_address(settings)) as client:
+    with JobsClient(jobs_address(settings), settings) as client:
         reply = client.submit(spec, corpus_entries(path, field, limit), lambda e: _bad_line(path.name, e))
         typer.secho(f"job {reply.job_id}: accepted {reply.accepted}, rejected {reply.rejected}", err=True)
         bar, update = _progress_bar(int(reply.accepted))

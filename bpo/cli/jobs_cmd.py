@@ -13,10 +13,11 @@ import typer
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from bpo.corpus.export import ExportFormat, export_lines, export_sink
 from bpo.corpus.formats import CorpusError, builtin_dataset_path
 from bpo.errors import InvalidConfigurationError
 from bpo.messages import STAGE_NAMES, STAGE_VALUES
-from bpo.pipeline.client import corpus_entries, rpc_error, submit_requests
+from bpo.pipeline.client import JobsClient, corpus_entries, open_channel, rpc_error, submit_requests
 from bpo.pipeline.outcome import JobOutcome
 from bpo.settings import BpoSettings
 from bpo.stack.supervisor import StackState
@@ -53,35 +54,35 @@ def jobs_address(settings: BpoSettings) -> str:
 
 
 def jobs_stub(settings: BpoSettings) -> pb_grpc.JobsServiceStub:
-    return pb_grpc.JobsServiceStub(grpc.insecure_channel(jobs_address(settings)))
+    return pb_grpc.JobsServiceStub(open_channel(jobs_address(settings), settings))
 
 
-def endpoint(
-    engine: str | None, model: str | None, url: str | None, key_env: str | None, tokens: int
-) -> pb.ModelEndpoint:
-    return pb.ModelEndpoint(
-        engine=engine or "", model=model or "", base_url=url or "", api_key_env=key_env or "", max_new_tokens=tokens
-    )
+def endpoint(name: str | None, tokens: int) -> pb.ModelEndpoint:
+    """A declared endpoint by name (empty: the platform's default for the role)."""
+    return pb.ModelEndpoint(model=name or "", max_new_tokens=tokens)
 
 
 def submit(
-    path: Annotated[Path | None, typer.Argument(help="Corpus: JSONL, JSON or CSV.")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(help="Corpus: JSONL (OpenAI Batch, chat), JSON, CSV, Parquet; or .gz.")
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="A shipped test set instead of a file.")] = None,
     field: Annotated[str | None, typer.Option(help="The prompt field.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N records.")] = None,
     name: Annotated[str, typer.Option(help="A name for the job.")] = "",
-    optimizer_model: Annotated[str | None, typer.Option(help="Optimizer model (default: the platform's).")] = None,
+    optimizer_model: Annotated[
+        str | None,
+        typer.Option("--optimizer-model", "--optimizer", help="Optimizer endpoint (default: the platform's)."),
+    ] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Iterative rewriting rounds.")] = 1,
     seed: Annotated[int | None, typer.Option(help="Makes the optimizer's sampling reproducible.")] = None,
-    target_engine: Annotated[str | None, typer.Option(help="Target engine (openai for an endpoint).")] = None,
-    target_model: Annotated[str | None, typer.Option(help="Target model.")] = None,
-    target_url: Annotated[str | None, typer.Option(help="Target OpenAI-compatible base URL.")] = None,
-    target_key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target: a declared endpoint's name (default: the platform's).")
+    ] = None,
     target_max_tokens: Annotated[int, typer.Option(help="Max new tokens of each answer.")] = 0,
-    judge_engine: Annotated[str | None, typer.Option(help="Judge engine.")] = None,
-    judge_model: Annotated[str | None, typer.Option(help="Judge model.")] = None,
-    judge_url: Annotated[str | None, typer.Option(help="Judge OpenAI-compatible base URL.")] = None,
-    judge_key_env: Annotated[str | None, typer.Option(help="Env var on the services holding the key.")] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="Judge: a declared endpoint's name (default: the platform's).")
+    ] = None,
     judge_max_tokens: Annotated[int, typer.Option(help="Max new tokens of each judgement.")] = 0,
     stages: Annotated[str, typer.Option(help="Comma-separated: rewrite,generate,judge (a prefix of them).")] = (
         "rewrite,generate,judge"
@@ -105,8 +106,8 @@ def submit(
         name=name or corpus.name,
         optimizer_model=optimizer_model or "",
         params=params,
-        target=endpoint(target_engine, target_model, target_url, target_key_env, target_max_tokens),
-        judge=endpoint(judge_engine, judge_model, judge_url, judge_key_env, judge_max_tokens),
+        target=endpoint(target, target_max_tokens),
+        judge=endpoint(judge, judge_max_tokens),
         stages=[STAGE_VALUES[s] for s in wanted],
     )
 
@@ -219,10 +220,15 @@ def render_report(report: pb.JobReport) -> str:
                 f"{cat.delta_wr:>+7.1%}"
             )
     lines.append("tokens: " + ", ".join(f"{t.role} {t.tokens_in} in / {t.tokens_out} out" for t in report.tokens))
-    for failure in report.failures[:20]:
-        lines.append(f"  failed line {failure.line} [{STAGE_NAMES.get(failure.stage, 'submit')}]: {failure.reason}")
-    if len(report.failures) > 20:
-        lines.append(f"  ... {len(report.failures) - 20} more failures (--json lists all)")
+    if report.failed:
+        lines.append(f"failed: {report.failed} ({report.rejected} corpus lines rejected at submission), by reason:")
+    for reason in report.failure_reasons[:20]:
+        sample = ", ".join(str(line) for line in reason.sample_lines)
+        more = ", ..." if reason.count > len(reason.sample_lines) else ""
+        stage = STAGE_NAMES.get(reason.stage, "submit")
+        lines.append(f"  {reason.count}x [{stage}] {reason.reason} (lines {sample}{more})")
+    if len(report.failure_reasons) > 20:
+        lines.append(f"  ... {len(report.failure_reasons) - 20} more distinct reasons (--json lists them)")
     return "\n".join(lines)
 
 
@@ -235,18 +241,24 @@ def report(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
 @app.command("export")
 def export(
     job_id: str,
-    out: Annotated[Path | None, typer.Option(help="Write JSONL here instead of standard output.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write here instead of standard output (gzip-compressed when the name ends in .gz)."),
+    ] = None,
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="jsonl: each item with every stage's output; openai-batch: the OpenAI Batch output format.",
+        ),
+    ] = ExportFormat.JSONL,
 ) -> None:
-    """Every item of the job with everything each stage produced, as JSONL."""
-    stub = jobs_stub(BpoSettings())
-    handle = out.open("w", encoding="utf-8") if out is not None else sys.stdout
-    try:
-        for chunk in stub.ExportJob(pb.ExportJobRequest(job_id=job_id)):
-            handle.write(chunk.item_json + "\n")
-    except grpc.RpcError as exc:
-        raise rpc_error(exc) from None
-    finally:
-        if out is not None:
-            handle.close()
+    """Every item of the job, in corpus order, one JSON object a line, streamed."""
+    settings = BpoSettings()
+    written = 0
+    with JobsClient(jobs_address(settings), settings) as client, export_sink(out) as sink:
+        for line in export_lines(client.export(job_id), export_format):
+            sink.write(line)
+            written += 1
     if out is not None:
-        typer.echo(json.dumps({"output": str(out)}))
+        typer.echo(json.dumps({"output": str(out), "items": written}))

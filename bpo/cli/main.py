@@ -7,7 +7,18 @@ import sys
 
 import typer
 
-from bpo.cli import doctor_cmd, eval_cmd, jobs_cmd, models_cmd, optimize_cmd, pairs_cmd, stack_cmd, train_cmd
+from bpo.cli import (
+    admin_cmd,
+    doctor_cmd,
+    eval_cmd,
+    jobs_cmd,
+    judge_cmd,
+    models_cmd,
+    optimize_cmd,
+    pairs_cmd,
+    stack_cmd,
+    train_cmd,
+)
 from bpo.errors import BpoError
 
 app = typer.Typer(
@@ -30,6 +41,9 @@ app.command("migrate")(stack_cmd.migrate)
 app.command("submit")(jobs_cmd.submit)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(pairs_cmd.app, name="pairs")
+app.add_typer(admin_cmd.teams_app, name="teams")
+app.add_typer(admin_cmd.tokens_app, name="tokens")
+app.add_typer(judge_cmd.app, name="judge")
 app.command("eval")(eval_cmd.eval_)
 app.command("augment")(eval_cmd.augment)
 app.command("serve", hidden=True)(stack_cmd.serve)

@@ -27,7 +27,7 @@ from bpo.pairs.importers import FORMATS, read_records
 from bpo.pairs.records import ImportIssue, PreferenceRecord, Skipped
 from bpo.pairs.stats import pairs_stats
 from bpo.settings import BpoSettings, EngineName
-from bpo.stack.supervisor import StackState
+from bpo.stack.supervisor import ConnectionUrls
 from bpo.store.db import migrate, open_pool
 from bpo.store.pairs import PairsStore
 
@@ -56,8 +56,8 @@ def _platform_url(configured: str, from_state: str | None, what: str) -> str:
 
 
 def database_url(settings: BpoSettings) -> str:
-    state = StackState.load(settings)
-    return _platform_url(settings.platform.database_url, state.database_url if state else None, "database")
+    running = ConnectionUrls.load(settings)
+    return _platform_url(settings.platform.database_url, running.database_url if running else None, "database")
 
 
 @contextmanager
@@ -203,9 +203,9 @@ async def _build_on_workers(
     from services.optimizer_worker.generation_tasks import GenerationWorkersClient, WorkersGenerator
     from services.optimizer_worker.settings import WorkerSettings
 
-    state = StackState.load(settings)
+    running = ConnectionUrls.load(settings)
     try:
-        redis_url = _platform_url(settings.platform.redis_url, state.redis_url if state else None, "redis")
+        redis_url = _platform_url(settings.platform.redis_url, running.redis_url if running else None, "redis")
     except EngineUnavailableError as exc:
         raise EngineUnavailableError(f"{exc}, or pass --local to construct in this process") from None
     if not redis_reachable(redis_url):

@@ -8,13 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated
 
+import redis
 import typer
 
 from bpo.errors import EngineUnavailableError, InvalidConfigurationError
+from bpo.observability.prometheus import require_binary
 from bpo.settings import BpoSettings
-from bpo.stack.supervisor import StackState, Supervisor, grpc_healthy
+from bpo.stack.supervisor import ConnectionUrls, StackState, Supervisor, grpc_healthy, make_private
+from services.optimizer_worker.presence import announced_nodes
+from services.optimizer_worker.settings import WorkerSettings
 
 
 def _alive(pid: int) -> bool:
@@ -29,19 +34,36 @@ def _alive(pid: int) -> bool:
 
 def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every service to be healthy.")] = 900,
+    with_prometheus: Annotated[
+        bool, typer.Option("--with-prometheus", help="Also run Prometheus scraping every process (its URL is printed).")
+    ] = False,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, help="Replicas of each stage service (rewriter, generator, judge); default 1."),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Optimizer worker processes; default 1.")] = None,
 ) -> None:
     """Start the platform: embedded Postgres, Kafka and Redis unless configured, then services and workers."""
+    # The supervisor reads its settings from the environment like every process: the options become variables.
+    if replicas is not None:
+        os.environ["BPO_PLATFORM__REPLICAS"] = str(replicas)
+    if workers is not None:
+        os.environ["BPO_PLATFORM__WORKERS"] = str(workers)
     settings = BpoSettings()
+    if with_prometheus:
+        require_binary("prometheus")  # fails now, before anything starts
     state = StackState.load(settings)
     if state is not None and _alive(state.supervisor_pid):
         typer.echo(f"platform already up (supervisor pid {state.supervisor_pid}); see `bpo status`")
         return
     StackState.path(settings).unlink(missing_ok=True)
+    # The state directory holds credentials and logs: private to its owner from the first file on.
+    make_private(settings.state_dir / "stack")
     log_path = settings.state_dir / "stack" / "logs" / "supervisor.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bpo.cli.main", "supervise"],
+            [sys.executable, "-m", "bpo.cli.main", "supervise", *(["--with-prometheus"] if with_prometheus else [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + timeout
@@ -65,6 +87,8 @@ def _print_state(state: StackState) -> None:
     typer.echo(f"  redis     {state.redis_url}{' (embedded)' if 'redis' in state.embedded else ''}")
     for name, address in state.addresses.items():
         typer.echo(f"  {name:<9} {address}")
+    if state.prometheus_url:
+        typer.echo(f"  prometheus {state.prometheus_url} (dashboards to import: bpo/resources/grafana/)")
 
 
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -77,9 +101,10 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     report = {
         "supervisor_pid": state.supervisor_pid,
         "ready": state.ready,
-        "services": {name: grpc_healthy(address) for name, address in state.addresses.items()},
+        "services": {name: grpc_healthy(address, settings) for name, address in state.addresses.items()},
         "processes": {name: _alive(pid) for name, pid in state.pids.items()},
         "restarts": state.restarts,
+        "components": state.components,
         "embedded": state.embedded,
     }
     if as_json:
@@ -88,9 +113,11 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     _print_state(state)
     for name, healthy in report["services"].items():  # type: ignore[attr-defined]
         typer.echo(f"  {name:<9} {'SERVING' if healthy else 'NOT SERVING'}")
-    for name, alive in report["processes"].items():  # type: ignore[attr-defined]
-        restarts = state.restarts.get(name, 0)
-        typer.echo(f"  {name:<9} pid {state.pids[name]} {'running' if alive else 'exited'} (restarts: {restarts})")
+    for name, component in state.components.items():
+        pid = state.pids.get(name)
+        where = f"pid {pid} " if pid is not None else ""
+        last = f", last: {component['last_exit']}" if component.get("last_exit") else ""
+        typer.echo(f"  {name:<9} {where}{component['status']} (restarts: {component['restarts']}{last})")
 
 
 def down(timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop.")] = 120) -> None:
@@ -116,20 +143,41 @@ def migrate() -> None:
     settings = BpoSettings()
     url = settings.platform.database_url
     if not url:
-        state = StackState.load(settings)
-        url = state.database_url if state is not None and _alive(state.supervisor_pid) else ""
+        state, running = StackState.load(settings), ConnectionUrls.load(settings)
+        url = running.database_url if running and state is not None and _alive(state.supervisor_pid) else ""
     if not url:
         raise InvalidConfigurationError("no database: set BPO_PLATFORM__DATABASE_URL or start the platform (`bpo up`)")
     applied = migrate_database(url)
     typer.echo(f"schema at version {required_schema_version()}; applied now: {', '.join(applied) or 'nothing'}")
 
 
-def supervise() -> None:
+def supervise(
+    with_prometheus: Annotated[bool, typer.Option("--with-prometheus", help="Also run Prometheus.")] = False,
+) -> None:
     """(internal) Run the supervisor in the foreground; `bpo up` starts it detached."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    raise typer.Exit(Supervisor(BpoSettings()).run())
+    settings = BpoSettings()
+    raise typer.Exit(
+        Supervisor(settings, with_prometheus=with_prometheus, announced_workers=announced_workers(settings)).run()
+    )
+
+
+def announced_workers(settings: BpoSettings) -> Callable[[str], set[str]]:
+    """Reads which of `bpo up`'s workers announced themselves, in the Redis their broker URL names (the
+    platform's, given to the children as ``redis_url``, unless ``BPO_WORKER_BROKER_URL`` says otherwise)."""
+
+    def read(redis_url: str) -> set[str]:
+        platform = settings.platform.model_copy(update={"redis_url": redis_url})
+        worker = WorkerSettings.for_platform(settings.model_copy(update={"platform": platform}))
+        client = redis.Redis.from_url(worker.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return announced_nodes(client)
+        finally:
+            client.close()
+
+    return read
 
 
 def serve(name: Annotated[str, typer.Argument(help="jobs, rewriter, generator or judge")]) -> None:

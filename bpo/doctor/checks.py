@@ -225,10 +225,17 @@ def instruction_set_findings(audit: dict[str, int], flags: set[str], library: st
 
 
 def llamacpp_cpu_library() -> Path | None:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        return None
-    candidates = sorted(Path(spec.origin).parent.glob("lib/libggml-cpu*.so"))
+    """The CPU backend llama-cpp-python loads: from ``LLAMA_CPP_LIB_PATH`` when set (it honours that), else
+    the one installed with it."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        folder = Path(override)
+    else:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or spec.origin is None:
+            return None
+        folder = Path(spec.origin).parent / "lib"
+    candidates = sorted(folder.glob("libggml-cpu*.so*"))
     return candidates[0] if candidates else None
 
 

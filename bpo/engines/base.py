@@ -99,6 +99,24 @@ class EngineClient(abc.ABC):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Complete every request; the engine batches as well as it can. Results keep the input order."""
 
+    async def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Completion | Exception]:
+        """Like ``generate``, but a request that fails is its own failure: the others' completions stand.
+
+        Engines whose batch cannot fail for one request alone keep this default: the whole batch at once, and
+        only when it fails, each request on its own to find which one did."""
+        try:
+            return list(await self.generate(requests))
+        except Exception as exc:
+            if len(requests) <= 1:
+                return [exc] * len(requests)
+        results: list[Completion | Exception] = []
+        for request in requests:
+            try:
+                results.extend(await self.generate([request]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
     @abc.abstractmethod
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """Tokens the request occupies in the context window once templated (an upper estimate at worst)."""

@@ -52,25 +52,32 @@ class CachingEngine(EngineClient):
         self._on_lookup = on_lookup
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        results = await self.generate_each(requests)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [r for r in results if isinstance(r, Completion)]
+
+    async def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Completion | Exception]:
         keys = [completion_key(self.identity, request) for request in requests]
         wanted = [key for key in keys if key is not None]
         hits = await asyncio.to_thread(self._cache.cached_completions, wanted) if wanted else {}
         missing = [i for i, key in enumerate(keys) if key is None or key not in hits]
-        fresh = await self.inner.generate([requests[i] for i in missing]) if missing else []
-        new_entries = {keys[i]: c for i, c in zip(missing, fresh, strict=True) if keys[i] is not None}
+        fresh = await self.inner.generate_each([requests[i] for i in missing]) if missing else []
+        new_entries = {
+            key: c for i, c in zip(missing, fresh, strict=True) if (key := keys[i]) and isinstance(c, Completion)
+        }
         if new_entries:
-            await asyncio.to_thread(
-                self._cache.cache_completions, self.identity.name, {k: c for k, c in new_entries.items() if k}
-            )
+            await asyncio.to_thread(self._cache.cache_completions, self.identity.name, new_entries)
         if self._on_lookup is not None:
             self._on_lookup(len(requests) - len(missing), len(missing))
-        results: list[Completion | None] = [None] * len(requests)
-        for i, completion in zip(missing, fresh, strict=True):
-            results[i] = completion
+        results: list[Completion | Exception | None] = [None] * len(requests)
+        for i, outcome in zip(missing, fresh, strict=True):
+            results[i] = outcome
         for i, key in enumerate(keys):
             if results[i] is None and key is not None:
                 results[i] = replace(hits[key], prompt_tokens=0, completion_tokens=0, latency_s=0.0)
-        return [c for c in results if c is not None]
+        return [r for r in results if r is not None]
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return self.inner.count_prompt_tokens(request)

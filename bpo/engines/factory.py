@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bpo.engines.base import EngineClient, ModelIdentity
+from bpo.engines.observer import EndpointObserver
 from bpo.engines.retry import RetryPolicy
 from bpo.errors import InvalidConfigurationError
 from bpo.models.catalogue import ModelCatalogue, ModelSpec, PromptStyle, SourceKind
@@ -16,8 +17,11 @@ from bpo.settings import EngineSettings
 ENGINE_NAMES = ("llamacpp", "vllm", "openai", "transformers")
 
 
-def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPreparer) -> EngineClient:
-    """Load the engine synchronously (loading weights is blocking work; callers off the loop use this)."""
+def build_engine(
+    settings: EngineSettings, spec: ModelSpec, preparer: ModelPreparer, observer: EndpointObserver | None = None
+) -> EngineClient:
+    """Load the engine synchronously (loading weights is blocking work; callers off the loop use this).
+    ``observer`` sees a remote endpoint's requests; in-process engines make none."""
     context_length = min(settings.context_length, spec.context_length)
     if settings.name == "llamacpp":
         from bpo.engines.llamacpp import LlamaCppEngine
@@ -78,6 +82,7 @@ def build_engine(settings: EngineSettings, spec: ModelSpec, preparer: ModelPrepa
             ),
             extra_body=settings.openai_extra_body,
             rate_limiter=limiter,
+            observer=observer,
         )
     raise InvalidConfigurationError(f"unknown engine {settings.name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 

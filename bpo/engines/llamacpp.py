@@ -86,6 +86,12 @@ class LlamaCppEngine(EngineClient):
             kwargs["seed"] = params.seed
         started = time.perf_counter()
         with self._lock:
+            if params.seed is not None:
+                # llama.cpp keeps the previous prompt's evaluated tokens and re-evaluates only what differs; the
+                # logits that come out of that shorter batch differ in their last bits from a full evaluation,
+                # which is enough to change a sampled token. A seeded request promises the same text for the
+                # same input, so it starts from an empty cache (costing the prompt's evaluation).
+                self._llama.reset()
             if request.messages is not None:
                 response = self._llama.create_chat_completion(messages=request.messages_as_dicts(), **kwargs)
                 text = response["choices"][0]["message"]["content"] or ""

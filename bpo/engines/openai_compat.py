@@ -16,6 +16,7 @@ from typing import Any
 import openai
 
 from bpo.engines.base import Completion, EngineClient, FinishReason, GenerationRequest, ModelIdentity
+from bpo.engines.observer import EndpointObserver
 from bpo.engines.ratelimit import RateLimiter
 from bpo.engines.retry import RetryDecision, RetryPolicy, call_with_retry
 from bpo.errors import EngineOverloadedError, EngineUnavailableError, InvalidPromptError
@@ -43,6 +44,19 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
         return None  # an HTTP-date; our own back-off applies
 
 
+def request_outcome(exc: BaseException) -> str:
+    """The class of a failed request, for metrics (``bpo.engines.observer.ENDPOINT_OUTCOMES``)."""
+    if isinstance(exc, openai.RateLimitError):
+        return "rate_limited"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    if isinstance(exc, openai.APIStatusError):
+        return "server_error" if exc.status_code >= 500 else "client_error"
+    return "error"
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Map SDK errors onto the platform's errors once retries are spent."""
     if isinstance(exc, openai.RateLimitError):
@@ -68,6 +82,7 @@ class OpenAICompatEngine(EngineClient):
         retry_policy: RetryPolicy,
         extra_body: dict[str, Any] | None = None,
         rate_limiter: RateLimiter | None = None,
+        observer: EndpointObserver | None = None,
     ) -> None:
         super().__init__(identity, context_length)
         self._client = client
@@ -76,6 +91,7 @@ class OpenAICompatEngine(EngineClient):
         self._retry_policy = retry_policy
         self._extra_body = extra_body or {}
         self._rate_limiter = rate_limiter
+        self._observer = observer
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         # No tokenizer is at hand for a remote model: estimate high (about 3 bytes a token, plus per-message
@@ -123,9 +139,22 @@ class OpenAICompatEngine(EngineClient):
 
     async def _attempt(self, request: GenerationRequest) -> Completion:
         # Every attempt is a request the provider counts against its limit, a retry as much as the first.
+        observer = self._observer
         if self._rate_limiter is not None:
+            queued = time.perf_counter()
             await self._rate_limiter.acquire()
-        return await self._call(request)
+            if observer is not None:
+                observer.rate_limit_waited(time.perf_counter() - queued)
+        started = time.perf_counter()
+        try:
+            completion = await self._call(request)
+        except Exception as exc:
+            if observer is not None:
+                observer.request_done(request_outcome(exc), time.perf_counter() - started)
+            raise
+        if observer is not None:
+            observer.request_done("ok", time.perf_counter() - started)
+        return completion
 
     async def _bounded(self, request: GenerationRequest) -> Completion:
         async with self._semaphore:
@@ -135,6 +164,7 @@ class OpenAICompatEngine(EngineClient):
                     self._retry_policy,
                     classify_openai_error,
                     describe=f"{self.engine_name} {self._served_model}",
+                    on_retry=self._observer.retrying if self._observer is not None else None,
                 )
             except Exception as exc:
                 translated = _translate(exc)
@@ -144,6 +174,21 @@ class OpenAICompatEngine(EngineClient):
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         return self._record(list(await asyncio.gather(*(self._bounded(r) for r in requests))))
+
+    async def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Completion | Exception]:
+        """Every request is its own call: one refused (HTTP 400) or failing takes no other with it, and no
+        paid call is made twice."""
+        results = await asyncio.gather(*(self._bounded(r) for r in requests), return_exceptions=True)
+        outcomes: list[Completion | Exception] = []
+        for result in results:
+            if isinstance(result, Completion):
+                self.usage.record(result)
+                outcomes.append(result)
+            elif isinstance(result, Exception):
+                outcomes.append(result)
+            else:  # CancelledError and the like belong to the caller
+                raise result
+        return outcomes
 
     async def aclose(self) -> None:
         await self._client.close()

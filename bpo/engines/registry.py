@@ -1,93 +1,73 @@
-"""Engines for targets and judges named per job: built on first use, kept, and closed together.
+"""Engines for the declared endpoints jobs name as target and judge: built on first use, kept, closed together.
 
-A job names where its target and judge run (an engine and model, or an OpenAI-compatible endpoint); the
-generator and judge services hold one engine per distinct endpoint. In-process models stay loaded; the
-number of in-process models held at once is bounded because each costs memory. Given a cache, every engine
-answers repeated greedy requests from it (``bpo/engines/cached.py``).
+A job names its target and judge by endpoint name; the generator and judge services hold one engine per
+endpoint, built from the operator's declaration (``bpo.endpoints``), never from anything the caller sent.
+In-process models stay loaded; how many are held at once is bounded because each costs memory. Given a cache,
+every engine answers repeated greedy requests from it (``bpo/engines/cached.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from bpo.endpoints import Endpoints
 from bpo.engines.base import EngineClient
 from bpo.engines.cached import CachingEngine, CompletionCache
 from bpo.engines.factory import build_engine, resolve_spec
-from bpo.errors import InvalidConfigurationError
+from bpo.engines.observer import EndpointObserver
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
-from bpo.settings import EngineName, EngineSettings
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointKey:
-    engine: EngineName
-    model: str
-    base_url: str = ""
-    api_key_env: str = ""
-    max_concurrency: int = 0
-    requests_per_second: float = 0.0
 
 
 class EngineRegistry:
     def __init__(
         self,
-        base: EngineSettings,
+        endpoints: Endpoints,
         catalogue: ModelCatalogue,
         preparer: ModelPreparer,
         *,
         max_in_process: int = 2,
         cache: CompletionCache | None = None,
         on_cache_lookup: Callable[[int, int], None] | None = None,
+        observe: Callable[[str], EndpointObserver] | None = None,
     ) -> None:
-        self._base = base
+        self.endpoints = endpoints
         self._catalogue = catalogue
         self._preparer = preparer
         self._max_in_process = max_in_process
         self._cache = cache
         self._on_cache_lookup = on_cache_lookup
-        self._engines: OrderedDict[EndpointKey, EngineClient] = OrderedDict()
+        # The observer of each endpoint's requests, by endpoint name (metrics).
+        self._observe = observe
+        self._engines: OrderedDict[str, EngineClient] = OrderedDict()
+        self._remote: set[str] = set()
         self._lock = asyncio.Lock()
 
-    def settings_for(self, key: EndpointKey) -> EngineSettings:
-        update: dict[str, object] = {"name": key.engine, "model": key.model}
-        if key.engine == "openai":
-            if not key.base_url:
-                raise InvalidConfigurationError(f"endpoint for {key.model!r} uses engine openai but names no base_url")
-            update.update(openai_base_url=key.base_url, openai_model=key.model)
-            if key.api_key_env:
-                value = os.environ.get(key.api_key_env)
-                if value is None:
-                    raise InvalidConfigurationError(f"environment variable {key.api_key_env} is not set on the service")
-                update["openai_api_key"] = value
-        if key.max_concurrency:
-            update["max_concurrency"] = key.max_concurrency
-        if key.requests_per_second and "requests_per_second" in EngineSettings.model_fields:
-            update["requests_per_second"] = key.requests_per_second
-        return EngineSettings.model_validate(self._base.model_dump() | update)
-
-    async def get(self, key: EndpointKey) -> EngineClient:
+    async def get(self, name: str) -> EngineClient:
+        """The engine of the declared endpoint ``name`` (checked by the caller for role and team)."""
         async with self._lock:
-            engine = self._engines.get(key)
+            engine = self._engines.get(name)
             if engine is not None:
-                self._engines.move_to_end(key)
+                self._engines.move_to_end(name)
                 return engine
-            settings = self.settings_for(key)
+            endpoint = self.endpoints.get(name)
+            settings = self.endpoints.engine_settings(endpoint)
             spec = resolve_spec(settings, self._catalogue)
-            if key.engine != "openai":
+            if endpoint.engine != "openai":
                 await self._evict_in_process()
-            engine = await asyncio.to_thread(build_engine, settings, spec, self._preparer)
+            observer = self._observe(name) if self._observe is not None else None
+            engine = await asyncio.to_thread(build_engine, settings, spec, self._preparer, observer)
             if self._cache is not None:
                 engine = CachingEngine(engine, self._cache, self._on_cache_lookup)
-            self._engines[key] = engine
+            if endpoint.engine == "openai":
+                self._remote.add(name)
+            self._engines[name] = engine
             return engine
 
     async def _evict_in_process(self) -> None:
-        local = [k for k in self._engines if k.engine != "openai"]
+        local = [name for name in self._engines if name not in self._remote]
         while len(local) >= self._max_in_process:
             oldest = local.pop(0)
             await self._engines.pop(oldest).aclose()

@@ -40,6 +40,7 @@ async def call_with_retry(
     rng: random.Random | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     describe: str = "request",
+    on_retry: Callable[[], None] | None = None,
 ) -> T:
     rng = rng or random.Random()
     attempt = 0
@@ -64,4 +65,6 @@ async def call_with_retry(
                 policy.max_attempts - 1,
                 delay,
             )
+            if on_retry is not None:
+                on_retry()
             await sleep(delay)

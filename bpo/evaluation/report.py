@@ -5,6 +5,10 @@ Markdown and the charts cannot disagree, and the JSON carries the items themselv
 can be computed later without rerunning a model. The caveats are written from the data (an inconsistent judge,
 few items, unchanged prompts, a length effect) because a bare ΔWR invites more confidence than it deserves.
 
+Every ΔWR is shown beside its judge's calibration (:mod:`bpo.evaluation.calibration`): the judge's accuracy on
+known preference pairs, with its interval. The report warns, first among its caveats, when the judge has no
+calibration or its accuracy interval includes 50%: a ΔWR from such a judge may measure nothing.
+
 Charts are drawn with matplotlib's Agg backend: reports are written on servers and in CI, where no display
 exists.
 """
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bpo.evaluation.calibration import STATISTICS_NOTE, SUMMARY_HEADER, JudgeCalibrationStatus, summary_cells
 from bpo.evaluation.outcomes import Comparison, ItemOutcome
 from bpo.evaluation.stats import (
     DEFAULT_BOOTSTRAP_SAMPLES,
@@ -75,13 +80,29 @@ class EvalReport:
     """One evaluation run: its settings and every comparison it measured.
 
     ``settings`` records how the run was made (set names, target, judge, judge template, optimizer models,
-    limit, rounds, seed, command line); it is shown as given.
+    limit, rounds, seed, command line); it is shown as given. ``judge_calibration`` is what is known of the
+    judge's calibration; None when nobody looked it up, which the report treats as uncalibrated.
     """
 
     title: str
     created: str
     settings: dict[str, Any]
     comparisons: tuple[Comparison, ...]
+    judge_calibration: JudgeCalibrationStatus | None = None
+
+    def judge_warnings(self) -> list[str]:
+        """Why the judge's verdicts cannot be taken at face value (no calibration, or one no better than
+        chance); the report's first caveats, and what ``bpo eval`` prints on stderr."""
+        if self.judge_calibration is None:
+            return [
+                "no calibration of this report's judge was looked up: how often its verdicts agree with people is "
+                "unknown, so ΔWR cannot be trusted; run `bpo judge calibrate` for the judge and template used."
+            ]
+        return self.judge_calibration.warnings()
+
+    def judge_accuracy_text(self) -> str:
+        """The judge's calibrated accuracy as shown beside each ΔWR."""
+        return "not calibrated" if self.judge_calibration is None else self.judge_calibration.accuracy_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,18 +260,29 @@ def _rounds_dict(stats: Sequence[ComparisonStats]) -> list[dict[str, Any]]:
     ]
 
 
+def _judge_accuracy_dict(report: EvalReport) -> dict[str, Any] | None:
+    calibration = None if report.judge_calibration is None else report.judge_calibration.calibration
+    if calibration is None:
+        return None
+    summary = calibration.summary.to_dict()
+    return {"accuracy": summary["accuracy"], "accuracy_ci": summary["accuracy_ci"], "pairs": summary["n"]}
+
+
 def _report_dict(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonStats]) -> dict[str, Any]:
+    judge_accuracy = _judge_accuracy_dict(report)
     return {
         "title": report.title,
         "created": report.created,
         "settings": _jsonable(report.settings),
+        "judge_calibration": None if report.judge_calibration is None else report.judge_calibration.to_dict(),
+        "judge_warnings": report.judge_warnings(),
         "statistics": {
             "bootstrap_samples": boot.samples,
             "bootstrap_seed": boot.seed,
             "confidence": boot.confidence,
             "length_strata_bounds": {"shorter_below": SHORTER_BELOW, "longer_above": LONGER_ABOVE},
         },
-        "comparisons": [_comparison_dict(s) for s in stats],
+        "comparisons": [_comparison_dict(s) | {"judge_accuracy": judge_accuracy} for s in stats],
         "rounds": _rounds_dict(stats),
     }
 
@@ -330,9 +362,34 @@ def _correlation_text(value: float | None) -> str:
     return "—" if value is None else f"{value:+.2f}"
 
 
-def _caveats(boot: _Bootstrap, stats: Sequence[ComparisonStats]) -> list[str]:
+def _calibration_lines(report: EvalReport) -> list[str]:
+    status = report.judge_calibration
+    if status is None:
+        return ["Not looked up for this report."]
+    calibration = status.calibration
+    if calibration is None:
+        version = "" if status.key is None else f", model version {status.key.model_version}"
+        why = f": {status.problem}" if status.problem else ""
+        return [f"None stored for judge {status.judge} with template {status.template}{version}{why}."]
+    summary = calibration.summary
+    rows = [
+        (
+            status.judge,
+            status.template,
+            calibration.key.model_version,
+            summary.n,
+            *summary_cells(summary),
+            "—" if calibration.max_tokens is None else calibration.max_tokens,
+            calibration.created,
+        )
+    ]
+    header = ("judge", "template", "model version", "known pairs", *SUMMARY_HEADER, "max tokens", "calibrated")
+    return [*_table(header, rows), "", STATISTICS_NOTE]
+
+
+def _caveats(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonStats]) -> list[str]:
     conf = boot.label
-    caveats = []
+    caveats = [f"**Judge**: {warning}" for warning in report.judge_warnings()]
     for s in stats:
         summary, c = s.summary, s.comparison
         if summary.outcomes.n == 0:
@@ -385,6 +442,7 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
 
     rows: list[Sequence[object]]
     header: Sequence[str]
+    judge_accuracy = report.judge_accuracy_text()
     lines += ["", "## Results", ""]
     if not stats:
         lines.append("No comparisons.")
@@ -395,6 +453,7 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
                 s.comparison.variant,
                 s.comparison.rounds,
                 *_outcome_cells(s.summary.outcomes),
+                judge_accuracy,
                 "—" if s.summary.position_consistency is None else _pct(s.summary.position_consistency),
                 _count_pct(s.summary.unchanged_prompts, s.summary.outcomes.n),
                 _lc_text(s.length_control),
@@ -402,16 +461,20 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
             for s in stats
         ]
         header = (
-            "set", "variant", "rounds", "n", "win", "tie", "lose", f"ΔWR [{conf} CI]", "position consistency",
-            "unchanged prompts", "length-controlled ΔWR",
+            "set", "variant", "rounds", "n", "win", "tie", "lose", f"ΔWR [{conf} CI]", "judge accuracy [95% CI]",
+            "position consistency", "unchanged prompts", "length-controlled ΔWR",
         )  # fmt: skip
         lines += _table(header, rows)
         lines += [
             "",
             f"ΔWR is win rate minus lose rate in percentage points; intervals are {conf} percentile bootstrap "
-            f"intervals over items ({boot.samples} resamples, seed {boot.seed}). Position "
-            "consistency is the share of judged items whose verdict survived swapping the answers.",
+            f"intervals over items ({boot.samples} resamples, seed {boot.seed}). Judge accuracy is the judge's "
+            "agreement with recorded human preferences on known pairs (`bpo judge calibrate`; a tie counts half, "
+            "chance is 50%). Position consistency is the share of judged items whose verdict survived swapping "
+            "the answers.",
         ]
+    lines += ["", "## Judge calibration", ""]
+    lines += _calibration_lines(report)
 
     if stats:
         lines += ["", "## Categories"]
@@ -471,13 +534,17 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
                 s.comparison.rounds,
                 s.summary.outcomes.n,
                 _delta_ci(s.summary.outcomes.delta_wr, s.summary.outcomes.delta_wr_ci),
+                judge_accuracy,
                 _pct(s.summary.unchanged_rate),
                 "—" if s.comparison.kept_by_last_round is None else _pct(s.comparison.kept_by_last_round),
             )
             for set_name, variant, group in series
             for s in group
         ]
-        header = ("set", "variant", "rounds", "n", f"ΔWR [{conf} CI]", "same as original", "kept by this round")
+        header = (
+            "set", "variant", "rounds", "n", f"ΔWR [{conf} CI]", "judge accuracy [95% CI]", "same as original",
+            "kept by this round",
+        )  # fmt: skip
         lines += _table(header, rows)
         lines += [
             "",
@@ -503,7 +570,7 @@ def _markdown(report: EvalReport, boot: _Bootstrap, stats: Sequence[ComparisonSt
         lines.pop()
 
     lines += ["", "## Caveats", ""]
-    caveats = _caveats(boot, stats)
+    caveats = _caveats(report, boot, stats)
     lines += [f"- {caveat}" for caveat in caveats] if caveats else ["None that the data shows."]
     return "\n".join(lines) + "\n"
 

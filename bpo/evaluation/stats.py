@@ -105,6 +105,35 @@ def _tally(items: Iterable[ItemOutcome]) -> tuple[int, int, int]:
     return wins, ties, losses
 
 
+def _resampled_counts(
+    counts: Sequence[int], *, bootstrap_samples: int, seed: int, confidence: float
+) -> np.ndarray[Any, np.dtype[np.int64]] | None:
+    """``bootstrap_samples`` item bootstrap resamples of items with these outcome counts, as counts (one row
+    each); None when there are no items.
+
+    Resampling n items with replacement only matters through how many of each outcome were drawn, and those
+    counts are multinomial with the observed shares as probabilities. Drawing the counts directly is therefore
+    the item bootstrap exactly, in memory independent of n.
+    """
+    if bootstrap_samples < 1:
+        raise ValueError(f"bootstrap_samples must be at least 1, got {bootstrap_samples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
+    if min(counts) < 0:
+        raise ValueError(f"outcome counts must not be negative, got {tuple(counts)}")
+    n = sum(counts)
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, [count / n for count in counts], size=bootstrap_samples)
+
+
+def _percentile_interval(values: np.ndarray[Any, np.dtype[np.float64]], confidence: float) -> Interval:
+    alpha = 1.0 - confidence
+    low, high = np.quantile(values, [alpha / 2, 1.0 - alpha / 2])
+    return (float(low), float(high))
+
+
 def bootstrap_delta_wr(
     wins: int,
     ties: int,
@@ -114,27 +143,34 @@ def bootstrap_delta_wr(
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> Interval:
-    """Percentile bootstrap interval of ΔWR over items with the given outcome counts.
-
-    Resampling n items with replacement and scoring them +1 / 0 / -1 only matters through how many of each
-    outcome were drawn, and those counts are multinomial with the observed shares as probabilities. Drawing
-    the counts directly is therefore the item bootstrap exactly, in memory independent of n.
-    """
-    if bootstrap_samples < 1:
-        raise ValueError(f"bootstrap_samples must be at least 1, got {bootstrap_samples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
-    if min(wins, ties, losses) < 0:
-        raise ValueError(f"outcome counts must not be negative, got {(wins, ties, losses)}")
-    n = wins + ties + losses
-    if n == 0:
+    """Percentile bootstrap interval of ΔWR over items with the given outcome counts ((0, 0) without items)."""
+    counts = _resampled_counts(
+        (wins, ties, losses), bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence
+    )
+    if counts is None:
         return (0.0, 0.0)
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, [wins / n, ties / n, losses / n], size=bootstrap_samples)
-    deltas = (counts[:, 0] - counts[:, 2]) / n
-    alpha = 1.0 - confidence
-    low, high = np.quantile(deltas, [alpha / 2, 1.0 - alpha / 2])
-    return (float(low), float(high))
+    n = wins + ties + losses
+    return _percentile_interval((counts[:, 0] - counts[:, 2]) / n, confidence)
+
+
+def bootstrap_share(
+    count: int,
+    n: int,
+    *,
+    bootstrap_samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Interval:
+    """Percentile bootstrap interval of the share ``count / n`` of items with some property ((0, 0) without
+    items): the same item bootstrap as ``bootstrap_delta_wr``, with two outcomes."""
+    if count > n:
+        raise ValueError(f"count {count} exceeds the {n} items")
+    counts = _resampled_counts(
+        (count, n - count), bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence
+    )
+    if counts is None:
+        return (0.0, 0.0)
+    return _percentile_interval(counts[:, 0] / n, confidence)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,26 +82,52 @@ class AnswerGenerator:
         )
         return GenerationRequest(messages=messages, params=params)
 
+    def _requests_for(self, position: int, item: AnswerInput) -> list[GenerationRequest]:
+        """One request for an unchanged prompt, two otherwise."""
+        original = self._request(position, with_context(item.original, item.context))
+        if item.optimized == item.original:
+            return [original]
+        return [original, self._request(position, with_context(item.optimized, item.context))]
+
     async def answer_pairs(self, items: Sequence[AnswerInput]) -> list[AnswerPairResult]:
         """Answer both prompts of every item in one engine batch (an unchanged prompt is answered once).
 
-        Raises ``InvalidPromptError`` before any call when a prompt does not fit the target's context.
-        """
-        if not items:
-            return []
-        requests: list[GenerationRequest] = []
-        # Per item: index of the original's completion, and of the optimized one's (the same when reused).
-        slots: list[tuple[int, int]] = []
+        Raises ``InvalidPromptError`` before any call when a prompt does not fit the target's context, and the
+        first engine failure otherwise (``answer_each`` settles each item on its own)."""
         for position, item in enumerate(items):
-            original_at = len(requests)
-            requests.append(self._request(position, with_context(item.original, item.context)))
-            if item.optimized == item.original:
-                slots.append((original_at, original_at))
+            self._requests_for(position, item)
+        results = await self.answer_each(items)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [r for r in results if isinstance(r, AnswerPairResult)]
+
+    async def answer_each(self, items: Sequence[AnswerInput]) -> list[AnswerPairResult | Exception]:
+        """Per item: its answers, or why it has none (a prompt too long, a request the endpoint refused);
+        one item's failure takes no other with it. All requests go to the engine as one batch."""
+        prepared: list[list[GenerationRequest] | Exception] = []
+        for position, item in enumerate(items):
+            try:
+                prepared.append(self._requests_for(position, item))
+            except Exception as exc:
+                prepared.append(exc)
+        flat = [request for p in prepared if not isinstance(p, Exception) for request in p]
+        completions = await self.engine.generate_each(flat) if flat else []
+        results: list[AnswerPairResult | Exception] = []
+        cursor = 0
+        for entry in prepared:
+            if isinstance(entry, Exception):
+                results.append(entry)
                 continue
-            requests.append(self._request(position, with_context(item.optimized, item.context)))
-            slots.append((original_at, original_at + 1))
-        completions = await self.engine.generate(requests)
-        return [_result(completions, original_at, optimized_at) for original_at, optimized_at in slots]
+            made = completions[cursor : cursor + len(entry)]
+            cursor += len(entry)
+            failure = next((c for c in made if isinstance(c, Exception)), None)
+            if failure is not None:
+                results.append(failure)
+                continue
+            done = [c for c in made if isinstance(c, Completion)]
+            results.append(_result(done, 0, len(done) - 1))
+        return results
 
 
 def _result(completions: Sequence[Completion], original_at: int, optimized_at: int) -> AnswerPairResult:

@@ -119,6 +119,13 @@ class EmbeddedKafka:
         self._process = process
         return self.bootstrap_servers
 
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.stop(self.stop_timeout_s)

@@ -27,17 +27,21 @@ import signal
 import subprocess
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
 
 from bpo.infra.process import ManagedProcess, ServiceStartError, SystemUser, run_once, user_can_access
+from bpo.infra.urls import mask_url
 
 __all__ = ["EmbeddedPostgres", "postgres_bin_dir", "postgres_reachable", "service_user"]
 
 log = logging.getLogger(__name__)
 
 SUPERUSER = "postgres"
+# Loopback only, and every connection proves the password (TCP only: the server opens no Unix socket).
+HBA_PASSWORD = "host all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
 SERVICE_USER = "bpo"
 ROOT_FALLBACK_DIR = Path("/var/tmp")
 
@@ -131,10 +135,13 @@ class EmbeddedPostgres:
         database: str = "bpo",
         start_timeout_s: float = 60.0,
         stop_timeout_s: float = 30.0,
+        password: str | None = None,
     ) -> None:
         self.requested_dir = data_dir
         self.port = port
         self.database = database
+        # With a password, connections authenticate (scram-sha-256); without, loopback trust (tests).
+        self.password = password
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         # Resolved now (adding the system user if need be) so that pgdata and log_path are known before start.
@@ -148,8 +155,10 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return self._url(self.database)
 
-    def _url(self, database: str) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+    def _url(self, database: str, *, password: str | None = None) -> str:
+        secret = password if password is not None else self.password
+        user = f"{SUPERUSER}:{quote(secret, safe='')}" if secret else SUPERUSER
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def _choose_service_dir(self, data_dir: Path) -> Path:
         data_dir = data_dir.expanduser().resolve()
@@ -191,14 +200,22 @@ class EmbeddedPostgres:
         )  # fmt: skip
         process.start()
         try:
-            process.wait_ready(lambda: postgres_reachable(self._url("postgres")), self.start_timeout_s)
+            process.wait_ready(lambda: self._answers(), self.start_timeout_s)
+            self._require_password()
             self._ensure_database()
         except BaseException:
             process.stop(self.stop_timeout_s)
             raise
         self._process = process
-        log.info("Postgres ready at %s (data in %s)", self.url, self.pgdata)
+        log.info("Postgres ready at %s (data in %s)", mask_url(self.url), self.pgdata)
         return self.url
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
         if self._process is not None:
@@ -244,6 +261,39 @@ class EmbeddedPostgres:
         log.info("giving %s to user %s", path, self.user.name)
         for entry in (path, *path.rglob("*")):
             os.chown(entry, self.user.uid, self.user.gid, follow_symlinks=False)
+
+    def _answers(self) -> bool:
+        # A cluster made before passwords were required still trusts loopback until _require_password runs.
+        return postgres_reachable(self._url("postgres")) or (
+            self.password is not None and postgres_reachable(self._url("postgres", password=""))
+        )
+
+    def _require_password(self) -> None:
+        """Make the superuser's password the one given and every connection authenticate with it (a cluster
+        initialised without one is converted: password set, pg_hba.conf switched to scram-sha-256, reloaded)."""
+        if self.password is None or not self._trusts():
+            return
+        with psycopg.connect(self._url("postgres", password=""), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(SUPERUSER), sql.Literal(self.password))
+            )
+            hba = self.pgdata / "pg_hba.conf"
+            hba.write_text(HBA_PASSWORD)
+            self._ensure_owner_file(hba)
+            conn.execute("SELECT pg_reload_conf()")
+
+    def _trusts(self) -> bool:
+        hba = self.pgdata / "pg_hba.conf"
+        return hba.exists() and any(
+            line.split()[-1] == "trust"
+            for line in hba.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        )
+
+    def _ensure_owner_file(self, path: Path) -> None:
+        if self.user is not None:
+            os.chown(path, self.user.uid, self.user.gid)
+        path.chmod(0o600)
 
     def _ensure_database(self) -> None:
         with psycopg.connect(self._url("postgres"), autocommit=True) as conn:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 
@@ -42,9 +43,21 @@ def redis_server_binary() -> Path:
 class EmbeddedRedis:
     """A Redis server on ``127.0.0.1:port`` persisting to an append-only file in ``dir``."""
 
-    def __init__(self, dir: Path, port: int, *, start_timeout_s: float = 30.0, stop_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        dir: Path,
+        port: int,
+        *,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 30.0,
+        password: str | None = None,
+    ) -> None:
         self.data_dir = dir.expanduser().resolve()
         self.port = port
+        # With a password every client must AUTH (requirepass); without, loopback is open (tests).
+        if password is not None and (not password or not password.isprintable() or '"' in password or " " in password):
+            raise ValueError("the embedded Redis password must be printable, without spaces or quotes")
+        self.password = password
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.log_path = self.data_dir / "redis.log"
@@ -52,7 +65,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
         if self._process is not None and self._process.running():
@@ -62,6 +76,9 @@ class EmbeddedRedis:
             "redis",
             [
                 redis_server_binary(),
+                # The password goes in a file only its owner reads: on the command line, every local user (ps) and
+                # the platform's own log would see it.
+                *([str(self._write_password_file())] if self.password else []),
                 "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes",
                 # The append-only file is the durable copy; RDB snapshots would only fork and write it all again.
@@ -80,6 +97,20 @@ class EmbeddedRedis:
             raise
         self._process = process
         return self.url
+
+    def _write_password_file(self) -> Path:
+        path = self.data_dir / "auth.conf"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(f'requirepass "{self.password}"\n', encoding="utf-8")
+        return path
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
         # SIGTERM makes Redis flush and fsync the append-only file before it exits.

@@ -153,6 +153,11 @@ class ModelCatalogue:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._models)
 
+    def canonical_name(self, name: str) -> str | None:
+        """The catalogue's own name for ``name`` (a name or an alias), or None; never a path or hub lookup."""
+        spec = self._by_name.get(name.lower())
+        return spec.name if spec is not None else None
+
     def resolve(self, name_or_path: str, *, prompt_style: PromptStyle | None = None) -> ModelSpec:
         spec = self._by_name.get(name_or_path.lower())
         if spec is not None:

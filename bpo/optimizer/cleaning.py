@@ -1,21 +1,33 @@
 """Turn a model's raw output into a candidate rewrite: the paper's ``split('[/INST]')[1].strip()``, plus the
-wrappers instruct models put around an answer (labels, lead-in sentences, quotes, fences, ``[END]``)."""
+wrappers instruct models put around an answer (labels, lead-in sentences, quotes, fences, ``[END]``), and the
+chat framing a small model echoes around it: an ``Original prompt: ...`` line before its ``Improved prompt:``,
+and the rewriting request itself on a line of its own after it. Any other framing left in the text is for the
+guards to reject (``bpo.optimizer.guards.framing_leaked``).
+
+The wrappers are recognised by RE2 patterns (``bpo.textscan``): linear in the output, whatever it holds.
+"""
 
 from __future__ import annotations
 
-import re
+from bpo.optimizer.prompting import IMPROVED_LABEL, ORIGINAL_LABEL, REWRITE_REQUEST
+from bpo.textscan import SPACE, WORD_CHARS, linear
 
-_LABEL = re.compile(
-    r"^\s*(?:\*\*)?(?:optimi[sz]ed|improved|rewritten|revised|enhanced|better|new|refined)"
-    r"(?:\s+(?:version|prompt|instruction|request))*(?:\s+of\s+(?:the|your)\s+prompt)?(?:\*\*)?\s*[:：]"
-    r"(?:\*\*)?\s*",
-    re.IGNORECASE,
+_LABEL = linear(
+    rf"^{SPACE}*(?:\*\*)?(?:optimi[sz]ed|improved|rewritten|revised|enhanced|better|new|refined)"
+    rf"(?:{SPACE}+(?:version|prompt|instruction|request))*(?:{SPACE}+of{SPACE}+(?:the|your){SPACE}+prompt)?"
+    rf"(?:\*\*)?{SPACE}*[:：](?:\*\*)?{SPACE}*",
+    ignore_case=True,
 )
-_LEAD_IN_LINE = re.compile(
-    r"^\s*(?:sure|certainly|of course|okay|ok|here(?:'s| is| are)|below is)\b[^\n]{0,160}"
-    r"(?:prompt|version|instruction|rewrite)[^\n]{0,60}[:：.!]?\s*\n+",
-    re.IGNORECASE,
+# "Sure, here is the improved prompt:" and the like. The opening word ends at a non-word character, which is
+# the first of the (at most 160) characters before "prompt" (``\b[^\n]{0,160}`` in ``re``: RE2's ``\b`` is
+# ASCII-only).
+_LEAD_IN_LINE = linear(
+    rf"^{SPACE}*(?:sure|certainly|of course|okay|ok|here(?:'s| is| are)|below is)"
+    rf"[^\n{WORD_CHARS}][^\n]{{0,159}}"
+    rf"(?:prompt|version|instruction|rewrite)[^\n]{{0,60}}[:：.!]?{SPACE}*\n+",
+    ignore_case=True,
 )
+_FENCED = linear(rf"(?s){SPACE}*```[a-zA-Z]*\n(.*?)\n```{SPACE}*")
 _QUOTE_PAIRS = (('"', '"'), ("“", "”"), ("'", "'"), ("`", "`"))
 
 
@@ -43,15 +55,26 @@ def unquote(text: str) -> str:
 
 
 def _unfence(text: str) -> str:
-    match = re.fullmatch(r"\s*```[a-zA-Z]*\n(.*?)\n```\s*", text, re.DOTALL)
+    match = _FENCED.fullmatch(text)
     return match.group(1) if match else text
+
+
+def strip_framing_echo(text: str) -> str:
+    """Drop an echoed ``Original prompt: ...`` before the last line-initial ``Improved prompt:``, and lines that
+    are exactly the rewriting request."""
+    lines = text.strip().splitlines()
+    improved = [i for i, line in enumerate(lines) if line.lstrip().startswith(IMPROVED_LABEL)]
+    if improved and any(line.lstrip().startswith(ORIGINAL_LABEL) for line in lines[: improved[-1]]):
+        lines = lines[improved[-1] :]
+    request = " ".join(REWRITE_REQUEST.split()).casefold()
+    return "\n".join(line for line in lines if " ".join(line.split()).casefold() != request)
 
 
 def clean_rewrite(raw: str) -> str:
     text = strip_template_echo(raw)
     if "[END]" in text:
         text = text.split("[END]", 1)[0]
-    text = text.strip()
+    text = strip_framing_echo(text).strip()
     text = _LEAD_IN_LINE.sub("", text, count=1)
     text = _LABEL.sub("", text, count=1)
     text = _unfence(text)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bpo.engines.base import EngineClient, SamplingParams, derive_seed
+from bpo.engines.base import EngineClient, GenerationRequest, SamplingParams, derive_seed
 from bpo.errors import BpoError, InvalidPromptError, PromptTooLongError, error_for_status
 from bpo.models.catalogue import PromptStyle
 from bpo.optimizer.cleaning import clean_rewrite
@@ -183,7 +183,7 @@ class PromptOptimizer:
             state.tokens_out += completion.completion_tokens
             self._judge_round(state, clean_rewrite(completion.text), completion.finish_reason == "length", round_number)
 
-    def _request_for(self, instruction: str):  # type: ignore[no-untyped-def]
+    def _request_for(self, instruction: str) -> GenerationRequest:
         probe = optimizer_request(instruction, self.prompt_style, self.params.sampling_for(instruction, 1))
         prompt_tokens = self.engine.count_prompt_tokens(probe)
         room = self.engine.context_length - prompt_tokens
@@ -200,7 +200,8 @@ class PromptOptimizer:
             for span in state.segmented.spans:
                 if span.index in present:
                     continue
-                if span_inlined(rewrite, span.text):
+                if span.inline or span_inlined(rewrite, span.text):
+                    # A quotation, code or formula inside a sentence cannot be appended back in its place.
                     reason = FallbackReason.PROTECTED_SPAN_ALTERED
                     break
                 repaired.add(span.index)

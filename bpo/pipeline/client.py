@@ -6,6 +6,7 @@ streamed, a malformed line is reported and an RPC error is translated the same w
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,6 +18,9 @@ import grpc
 
 from bpo.corpus.formats import CorpusError, CorpusRecord, read_corpus
 from bpo.errors import BpoError, error_for_status
+from bpo.grpc_server import message_size_options
+from bpo.settings import BpoSettings
+from bpo.tls import channel_credentials
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 
@@ -71,10 +75,88 @@ def _unary(method: Callable[[Any], Any], request: Any) -> Any:
         raise rpc_error(exc) from None
 
 
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def admin_token_path(settings: BpoSettings) -> Path:
+    """Where ``bpo up`` keeps the token of its admin team (mode 0600)."""
+    return settings.state_dir / "stack" / ADMIN_TOKEN_FILE
+
+
+def client_token(settings: BpoSettings) -> str | None:
+    """The caller's token: ``BPO_CLIENT__TOKEN``, else ``BPO_CLIENT__TOKEN_FILE``, else the admin token of the
+    platform ``bpo up`` runs on this machine."""
+    client = settings.client
+    if client.token is not None:
+        return client.token.get_secret_value()
+    for path in (client.token_file, admin_token_path(settings)):
+        if path is not None and path.is_file():
+            return path.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (also over plaintext, which call credentials refuse)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)  # fmt: skip
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+def open_channel(address: str, settings: BpoSettings, *, with_token: bool = True) -> grpc.Channel:
+    """A channel to one of the platform's services as this client's caller: the platform's message size limit
+    both ways, TLS when a CA bundle or client certificate is configured, and the caller's bearer token."""
+    options: list[tuple[str, Any]] = list(message_size_options(settings.platform.grpc_max_message_bytes))
+    if settings.client.server_name:
+        options.append(("grpc.ssl_target_name_override", settings.client.server_name))
+    credentials = channel_credentials(settings.client)
+    if credentials is not None:
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    token = client_token(settings) if with_token else None
+    return with_bearer_token(channel, token) if token else channel
+
+
+def with_bearer_token(channel: grpc.Channel, token: str) -> grpc.Channel:
+    """``channel`` with the caller's ``authorization: Bearer`` metadata on every call."""
+    return grpc.intercept_channel(channel, _BearerToken(token))
+
+
 class JobsClient:
-    def __init__(self, address: str, *, poll_s: float = 2.0) -> None:
+    def __init__(self, address: str, settings: BpoSettings, *, poll_s: float = 2.0) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, settings)
         self.stub = pb_grpc.JobsServiceStub(self._channel)
         self._poll_s = poll_s
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from threading import Lock
 
-from bpo.engines.factory import ENGINE_NAMES
-from bpo.engines.registry import EndpointKey
-from bpo.errors import InvalidConfigurationError, JobNotFoundError
+from bpo.errors import BpoError, InvalidConfigurationError, JobNotFoundError
 from bpo.judging.pairwise import JUDGE_TEMPLATES, JudgeTemplate
 from bpo.messages import ALL_STAGES, STAGE_NAMES, from_json, params_from_proto
 from bpo.optimizer.optimizer import OptimizeParams
@@ -17,6 +16,8 @@ from bpo.store.repository import JobRow, PipelineStore
 from bpo.v1 import bpo_pb2 as pb
 
 DEFAULT_ANSWER_TOKENS = 256
+# Bounds the lookup's memory on a platform with very many jobs: expired entries are dropped beyond this.
+_MAX_CACHED_JOBS = 10_000
 DEFAULT_JUDGE_TOKENS = 384
 
 
@@ -27,11 +28,14 @@ class ResolvedJob:
     stages: tuple[str, ...]
     optimizer_model: str
     params: OptimizeParams
-    target: EndpointKey
+    # Declared endpoint names (bpo.endpoints): what the stages build engines from.
+    target: str
     target_max_new_tokens: int
-    judge: EndpointKey
+    judge: str
     judge_max_new_tokens: int
     judge_template: JudgeTemplate = "pair-v2"
+    team: str = ""
+    team_id: str | None = None
 
     def next_stage(self, stage: str) -> str | None:
         index = self.stages.index(stage)
@@ -56,18 +60,9 @@ def stages_of(spec: pb.JobSpec) -> tuple[str, ...]:
     return stages
 
 
-def endpoint_key(endpoint: pb.ModelEndpoint, default_engine: str, default_model: str) -> EndpointKey:
-    engine = endpoint.engine or ("openai" if endpoint.base_url else default_engine)
-    if engine not in ENGINE_NAMES:
-        raise InvalidConfigurationError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
-    return EndpointKey(
-        engine=engine,  # type: ignore[arg-type]
-        model=endpoint.model or default_model,
-        base_url=endpoint.base_url,
-        api_key_env=endpoint.api_key_env,
-        max_concurrency=endpoint.max_concurrency,
-        requests_per_second=endpoint.requests_per_second,
-    )
+def endpoint_name(endpoint: pb.ModelEndpoint, default: str) -> str:
+    """The declared endpoint a job's target or judge names (the deployment's default when it names none)."""
+    return endpoint.model or default
 
 
 def judge_template_of(name: str) -> JudgeTemplate:
@@ -89,16 +84,21 @@ def resolve(job: JobRow, platform: PlatformSettings, defaults: OptimizeParams | 
         stages=job.stages,
         optimizer_model=spec.optimizer_model or platform.optimizer_model,
         params=params_from_proto(spec.params, defaults),
-        target=endpoint_key(spec.target, platform.target_engine, platform.target_model),
+        target=endpoint_name(spec.target, platform.target_model),
         target_max_new_tokens=spec.target.max_new_tokens or DEFAULT_ANSWER_TOKENS,
-        judge=endpoint_key(spec.judge, platform.judge_engine, platform.judge_model),
+        judge=endpoint_name(spec.judge, platform.judge_model),
         judge_max_new_tokens=spec.judge.max_new_tokens or DEFAULT_JUDGE_TOKENS,
         judge_template=judge_template_of(spec.judge_template),
+        team=job.team,
+        team_id=job.team_id,
     )
 
 
 class JobLookup:
-    """Stages look a job up for every message; specs never change and states change rarely, so cache briefly."""
+    """Stages look jobs up for every batch; specs never change and states change rarely, so cache briefly.
+
+    A job whose stored spec cannot be resolved any more (say, a model name this deployment no longer knows)
+    is returned as the error, so that its items fail with the reason instead of stalling the stage."""
 
     def __init__(
         self,
@@ -112,19 +112,37 @@ class JobLookup:
         self._platform = platform
         self._defaults = defaults
         self._ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, ResolvedJob]] = {}
+        self._cache: dict[str, tuple[float, ResolvedJob | BpoError]] = {}
         self._lock = Lock()
 
     def get(self, job_id: str) -> ResolvedJob:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(job_id)
-            if hit is not None and now - hit[0] < self._ttl_s:
-                return hit[1]
-        row = self._store.get_job(job_id)
-        if row is None:
+        found = self.get_many([job_id]).get(job_id)
+        if found is None:
             raise JobNotFoundError(f"job {job_id} not found")
-        resolved = resolve(row, self._platform, self._defaults)
+        if isinstance(found, BpoError):
+            raise found
+        return found
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, ResolvedJob | BpoError]:
+        """The jobs that exist among ``job_ids``, one query for those not cached."""
+        now = time.monotonic()
+        found: dict[str, ResolvedJob | BpoError] = {}
         with self._lock:
-            self._cache[job_id] = (now, resolved)
-        return resolved
+            for job_id in set(job_ids):
+                hit = self._cache.get(job_id)
+                if hit is not None and now - hit[0] < self._ttl_s:
+                    found[job_id] = hit[1]
+        missing = [job_id for job_id in set(job_ids) if job_id not in found]
+        rows = self._store.jobs_by_ids(missing) if missing else {}
+        fresh: dict[str, ResolvedJob | BpoError] = {}
+        for job_id, row in rows.items():
+            try:
+                fresh[job_id] = resolve(row, self._platform, self._defaults)
+            except BpoError as exc:
+                fresh[job_id] = exc
+        with self._lock:
+            if len(self._cache) > _MAX_CACHED_JOBS:
+                self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self._ttl_s}
+            for job_id, job in fresh.items():
+                self._cache[job_id] = (now, job)
+        return found | fresh

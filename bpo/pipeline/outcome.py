@@ -1,7 +1,7 @@
 """Whether a finished job did its work: the one rule every command that waits for jobs applies.
 
 A job whose items failed beyond what the caller allows, a cancelled job, a failed job and a job with no items
-at all are problems: the command says why (how many failed, the first distinct reasons) and exits non-zero.
+at all are problems: the command says why (how many failed, the most frequent reasons) and exits non-zero.
 """
 
 from __future__ import annotations
@@ -22,21 +22,20 @@ class JobOutcome:
     state: pb.JobState.ValueType
     total: int
     failed: int
-    # Distinct failure reasons with how often each occurred, in order of first appearance (the first few).
+    # Distinct failure reasons with how often each occurred, the most frequent first (the first few).
     reasons: tuple[tuple[str, int], ...]
 
     @classmethod
     def of(cls, report: pb.JobReport, max_reasons: int = MAX_REASONS) -> JobOutcome:
-        rejected = sum(1 for failure in report.failures if not failure.item_id)
         counts: Counter[str] = Counter()
-        for failure in report.failures:
-            stage = STAGE_NAMES.get(failure.stage, "submit")
-            counts[f"[{stage}] {failure.reason or 'no reason recorded'}"] += 1
+        for reason in report.failure_reasons:  # most frequent first
+            stage = STAGE_NAMES.get(reason.stage, "submit")
+            counts[f"[{stage}] {reason.reason or 'no reason recorded'}"] += int(reason.count)
         return cls(
             job_id=report.job.job_id,
             name=report.job.spec.name,
             state=report.job.state,
-            total=int(report.items) + rejected,
+            total=int(report.items) + int(report.rejected),
             failed=int(report.failed),
             reasons=tuple(counts.items())[:max_reasons],
         )
@@ -69,6 +68,6 @@ class JobOutcome:
     def reason_lines(self) -> list[str]:
         if not self.reasons:
             return []
-        lines = ["  first distinct failure reasons:"]
+        lines = ["  most frequent failure reasons:"]
         lines += [f"    {count}x {reason}" for reason, count in self.reasons]
         return lines

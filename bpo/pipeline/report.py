@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from bpo.endpoints import EndpointConfig
 from bpo.messages import STAGE_VALUES
 from bpo.v1 import bpo_pb2 as pb
 
@@ -12,7 +14,8 @@ def _rate(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
-def build_report(job: pb.Job, rows: dict[str, Any]) -> pb.JobReport:
+def build_report(job: pb.Job, rows: dict[str, Any], prices: Mapping[str, EndpointConfig] | None = None) -> pb.JobReport:
+    """``prices``: the declared endpoint of each role (rewrite, target, judge), whose prices cost the tokens."""
     totals = rows["totals"]
     judged = int(totals["judged"])
     wins, ties, losses = int(totals["wins"]), int(totals["ties"]), int(totals["losses"])
@@ -34,7 +37,8 @@ def build_report(job: pb.Job, rows: dict[str, Any]) -> pb.JobReport:
         # Identical answers tie without a judge call: they say nothing about the judge's position bias.
         position_consistency=_rate(int(totals["consistent"]), judged - identical),
         identical_answers=identical,
-        failed=len(rows["failures"]),
+        failed=int(rows["failed"]),
+        rejected=int(rows["rejected"]),
     )
     for row in rows["categories"]:
         cat_judged = int(row["judged"])
@@ -49,8 +53,18 @@ def build_report(job: pb.Job, rows: dict[str, Any]) -> pb.JobReport:
             )
         )
     for role in ("rewrite", "target", "judge"):
-        report.tokens.append(
-            pb.TokenUsage(role=role, tokens_in=int(totals[f"{role}_in"]), tokens_out=int(totals[f"{role}_out"]))
+        tokens_in, tokens_out = int(totals[f"{role}_in"]), int(totals[f"{role}_out"])
+        endpoint = (prices or {}).get(role)
+        cost = endpoint.cost_usd(tokens_in, tokens_out) if endpoint is not None else 0.0
+        report.tokens.append(pb.TokenUsage(role=role, tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost))
+    for reason in rows["failure_reasons"]:
+        report.failure_reasons.append(
+            pb.FailureReason(
+                stage=STAGE_VALUES.get(reason["stage"] or "", pb.STAGE_UNSPECIFIED),
+                reason=reason["reason"] or "",
+                count=int(reason["count"]),
+                sample_lines=[int(line) for line in reason["lines"]],
+            )
         )
     for failure in rows["failures"]:
         report.failures.append(

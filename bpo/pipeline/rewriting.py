@@ -88,37 +88,40 @@ class CachedRewriter:
         self._metrics = metrics
 
     async def rewrite(self, items: Sequence[pb.PromptItem], model: str, params: OptimizeParams) -> list[RewriteOutcome]:
+        """Per item: its rewrite (from the cache, or from one task for all the batch's misses), or its failure.
+        Raises when the whole batch could not be rewritten (no worker answered, the broker is down)."""
         expected = await asyncio.to_thread(self._versions.version_of, model)
         version = expected.cache_key
         p_hash = params_hash(params)
+        keys = [prompt_hash(item.prompt, item.context or None) for item in items]
+        cached = await asyncio.to_thread(self._store.cached_rewrites, keys, version, p_hash)
         outcomes: list[RewriteOutcome | None] = [None] * len(items)
         misses: list[int] = []
-        for index, item in enumerate(items):
-            key = prompt_hash(item.prompt, item.context or None)
-            cached = await asyncio.to_thread(self._store.cached_rewrite, key, version, p_hash)
-            if cached is None:
+        for index, (item, key) in enumerate(zip(items, keys, strict=True)):
+            stored = cached.get(key)
+            if stored is None:
                 misses.append(index)
-                self._metrics.cache_lookups.labels("miss").inc()
                 continue
-            self._metrics.cache_lookups.labels("hit").inc()
-            rewrite = from_json(cached, pb.Rewrite)
+            rewrite = from_json(stored, pb.Rewrite)
             rewrite.item.CopyFrom(item)
             rewrite.cache_hit = True
             # A hit costs no model call: its tokens were paid by the item that filled the cache.
             rewrite.tokens_in = 0
             rewrite.tokens_out = 0
             outcomes[index] = RewriteOutcome(rewrite, None)
+        self._metrics.cache_lookups.labels("hit").inc(len(items) - len(misses))
+        self._metrics.cache_lookups.labels("miss").inc(len(misses))
         if misses:
             # Repeats inside one batch are rewritten once too: the first of each distinct prompt is sent.
             first_of: dict[str, int] = {}
             for index in misses:
-                first_of.setdefault(prompt_hash(items[index].prompt, items[index].context or None), index)
+                first_of.setdefault(keys[index], index)
             unique = list(first_of.values())
             inputs = [PromptInput(items[i].prompt, items[i].context or None) for i in unique]
             results = dict(zip(unique, await self._backend.optimize_batch(model, params, inputs), strict=True))
+            fills: dict[str, dict[str, object]] = {}
             for index in misses:
-                item = items[index]
-                key = prompt_hash(item.prompt, item.context or None)
+                item, key = items[index], keys[index]
                 source = first_of[key]
                 result = results[source]
                 if isinstance(result, RewriteFailure):
@@ -135,8 +138,9 @@ class CachedRewriter:
                     cacheable = pb.Rewrite()
                     cacheable.CopyFrom(rewrite)
                     cacheable.ClearField("item")
-                    await asyncio.to_thread(self._store.cache_rewrite, key, version, p_hash, to_json(cacheable))
+                    fills[key] = to_json(cacheable)
                 self._metrics.tokens.labels("optimizer", "in").inc(result.tokens_in)
                 self._metrics.tokens.labels("optimizer", "out").inc(result.tokens_out)
                 outcomes[index] = RewriteOutcome(rewrite, None)
+            await asyncio.to_thread(self._store.cache_rewrites, version, p_hash, fills)
         return [o for o in outcomes if o is not None]

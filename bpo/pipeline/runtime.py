@@ -16,19 +16,31 @@ from typing import Any
 
 import grpc
 
+from bpo.auth import Authenticator, AuthInterceptor
+from bpo.endpoints import Endpoints
 from bpo.engines.registry import EngineRegistry
 from bpo.errors import InvalidConfigurationError
-from bpo.grpc_server import serve
+from bpo.grpc_server import DependencyHealth, serve
 from bpo.metrics import PlatformMetrics, serve_metrics
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.pipeline.jobspec import JobLookup
-from bpo.pipeline.stage import INPUT_TOPIC, Stage, StageContext
+from bpo.pipeline.quotas import QuotaGuard
+from bpo.pipeline.stage import INPUT_TOPIC, PublishMany, Stage, StageContext
 from bpo.settings import BpoSettings
-from bpo.store.db import migrate, open_pool
-from bpo.store.repository import PipelineStore
-from bpo.streaming.kafka import KafkaSettings, ensure_topics, make_producer, publish
+from bpo.store.db import database_ready, migrate, open_pool
+from bpo.store.repository import PipelineStore, RetryPolicy
+from bpo.streaming.kafka import (
+    KafkaSettings,
+    OutboundMessage,
+    PublishedRecord,
+    PublishError,
+    ensure_topics,
+    make_producer,
+    publish_many,
+)
 from bpo.streaming.loop import StageLoop
+from bpo.tls import server_credentials
 
 log = logging.getLogger(__name__)
 TOPICS = ("prompts", "rewrites", "answers", "verdicts", "deadletter")
@@ -42,6 +54,19 @@ def kafka_settings(settings: BpoSettings) -> KafkaSettings:
         session_timeout_ms=platform.kafka_session_timeout_ms,
         heartbeat_interval_ms=platform.kafka_heartbeat_interval_ms,
         max_poll_records=platform.stage_batch_size,
+        # A stage polls again only after its batch: the group must not give its partitions away meanwhile.
+        max_poll_interval_ms=int((platform.stage_batch_deadline_s + 120) * 1000),
+        max_message_bytes=platform.kafka_max_message_bytes,
+        partitions=platform.kafka_partitions,
+    )
+
+
+def retry_policy(settings: BpoSettings) -> RetryPolicy:
+    platform = settings.platform
+    return RetryPolicy(
+        base_delay_s=platform.item_retry_base_s,
+        max_delay_s=platform.item_retry_max_s,
+        max_attempts=platform.item_max_attempts,
     )
 
 
@@ -67,9 +92,17 @@ class Runtime:
     store: PipelineStore
     kafka: KafkaSettings
     metrics: PlatformMetrics
-    publish: Callable[[str, str, bytes], None]
+    publish_many: PublishMany
     loop: asyncio.AbstractEventLoop
+    # The operator's declared endpoints (read once per process).
+    endpoints: Endpoints
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Whether each dependency answers (name -> check), for health: checks run off the event loop.
+    dependencies: dict[str, Callable[[], bool]] = field(default_factory=dict)
+
+    @property
+    def quotas(self) -> QuotaGuard:
+        return QuotaGuard(self.store)
 
     def topic(self, name: str) -> str:
         return self.kafka.topic(name)
@@ -79,11 +112,12 @@ class Runtime:
         completion cache unless the platform turns it off."""
         settings = self.settings
         engines = EngineRegistry(
-            settings.engine,
+            self.endpoints,
             ModelCatalogue(),
             ModelPreparer(settings.models_dir),
             cache=self.store if settings.platform.completion_cache else None,
             on_cache_lookup=self.metrics.record_completion_cache,
+            observe=self.metrics.endpoints.observer,
         )
         self.closers.append(engines.aclose)
         return engines
@@ -92,10 +126,13 @@ class Runtime:
         return StageContext(
             store=self.store,
             jobs=JobLookup(self.store, self.settings.platform, defaults=self.settings.optimizer.params()),
-            publish=self.publish,
+            publish_many=self.publish_many,
             topic=self.topic,
             metrics=self.metrics,
             loop=self.loop,
+            retry=retry_policy(self.settings),
+            batch_deadline_s=self.settings.platform.stage_batch_deadline_s,
+            endpoints=self.endpoints,
         )
 
 
@@ -106,6 +143,10 @@ class ServiceParts:
     stage: Stage[Any] | None = None
     # Gauges read from outside the process's own work (queue depths): refreshed every few seconds.
     gauges: list[Callable[[], None]] = field(default_factory=list)
+    # Long-running work beside the server (the jobs service's sweep), started once the server is up.
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Checks of dependencies of this service alone (the rewriter's Redis), for health.
+    dependencies: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
 
 GAUGE_INTERVAL_S = 5.0
@@ -129,38 +170,55 @@ def lag_gauge(stage: str, loop: StageLoop, metrics: PlatformMetrics) -> Callable
     return refresh
 
 
+async def _logged(work: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await work()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background work %s stopped", getattr(work, "__qualname__", work))
+
+
 async def run_service(
     name: str,
     settings: BpoSettings,
-    port: int,
-    metrics_port: int,
     build: Callable[[Runtime], Awaitable[ServiceParts]],
-    *,
-    on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
 ) -> None:
+    """Run service ``name`` as replica ``settings.platform.replica``: its gRPC and metrics ports follow from both."""
     require_urls(settings)
+    platform = settings.platform
+    port = platform.grpc_port(name, platform.replica)
     metrics = PlatformMetrics()
-    serve_metrics(metrics, metrics_port, settings.platform.metrics_host)
+    serve_metrics(metrics, platform.metrics_port(platform.process_name(name, platform.replica)), platform.metrics_host)
     with ExitStack() as stack:
         pool = open_pool(settings.platform.database_url)
         stack.callback(pool.close)
         await asyncio.to_thread(migrate, pool)
         kafka = kafka_settings(settings)
-        await asyncio.to_thread(ensure_topics, kafka, [kafka.topic(t) for t in TOPICS])
+        topics = [kafka.topic(t) for t in TOPICS]
+        await asyncio.to_thread(ensure_topics, kafka, topics, kafka.partitions)
         producer = make_producer(kafka)
         stack.callback(producer.close)
 
-        def publish_message(topic: str, key: str, value: bytes) -> None:
-            publish(producer, topic, key, value)
+        def publish_batch(messages: Sequence[OutboundMessage]) -> list[PublishedRecord | PublishError]:
+            return publish_many(producer, messages, timeout_s=kafka.publish_timeout_s)
+
+        def broker_ready() -> bool:
+            # A broker that restarted empty (the embedded one keeps nothing) gets its topics back here.
+            ensure_topics(kafka, topics, kafka.partitions)
+            return True
 
         runtime = Runtime(
             settings=settings,
             store=PipelineStore(pool),
             kafka=kafka,
             metrics=metrics,
-            publish=publish_message,
+            publish_many=publish_batch,
             loop=asyncio.get_running_loop(),
+            endpoints=Endpoints.from_settings(settings),
+            dependencies={"postgres": lambda: database_ready(pool), "kafka": broker_ready},
         )
+        authenticator = Authenticator(runtime.store.team_for_token, settings.platform.auth_cache_s)
         parts = await build(runtime)
         stage_loop: StageLoop | None = None
         thread: threading.Thread | None = None
@@ -177,9 +235,11 @@ async def run_service(
             thread = threading.Thread(target=stage_loop.run, name=f"{stage.name}-loop", daemon=True)
             thread.start()
             parts.gauges.append(lag_gauge(stage.name, stage_loop, metrics))
-        gauge_task = asyncio.create_task(refresh_gauges(parts.gauges))
-        if on_ready is not None:
-            await on_ready(runtime)
+        tasks = [asyncio.create_task(refresh_gauges(parts.gauges))]
+
+        def started(_: int) -> None:
+            tasks.extend(asyncio.create_task(_logged(work)) for work in parts.background)
+
         try:
             await serve(
                 service_name=name,
@@ -187,9 +247,15 @@ async def run_service(
                 register=parts.register,
                 full_service_names=parts.service_names,
                 metrics=metrics,
+                max_message_bytes=settings.platform.grpc_max_message_bytes,
+                health=DependencyHealth(runtime.dependencies | parts.dependencies, metrics),
+                on_started=started,
+                interceptors=[AuthInterceptor(authenticator)],
+                credentials=server_credentials(settings.platform),
             )
         finally:
-            gauge_task.cancel()
+            for task in tasks:
+                task.cancel()
             if stage_loop is not None and thread is not None:
                 stage_loop.stop()
                 await asyncio.to_thread(thread.join, 30)

@@ -31,9 +31,23 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPo
         kwargs={"row_factory": dict_row, "autocommit": False},
         open=True,
         name="bpo",
+        # A connection broken by a server restart is replaced when handed out instead of failing its user.
+        check=ConnectionPool.check_connection,
+        # Waiting for a connection is bounded: a stage whose database is gone fails its batch and backs off.
+        timeout=30,
     )
     pool.wait(timeout=30)
     return pool
+
+
+def database_ready(pool: ConnectionPool[Connection[dict[str, object]]], timeout_s: float = 3.0) -> bool:
+    """Whether the database answers now (for health checks; never raises)."""
+    try:
+        with pool.connection(timeout=timeout_s) as conn:
+            conn.execute("SELECT 1")
+    except Exception:
+        return False
+    return True
 
 
 def migration_scripts() -> list[tuple[int, str, str]]:

@@ -1,33 +1,72 @@
-"""The one store: jobs, items and their stage outputs, the rewrite and completion caches, the model registry.
+"""The one store: jobs, items and their stage outputs, and (from sibling modules) the rewrite and completion
+caches and the model registry.
 
 Every stage write is keyed by (item, stage) and happens once: ``UPDATE ... WHERE <output> IS NULL``. A
 redelivered message therefore never duplicates or overwrites a result; the stage re-reads the stored output
-and forwards that instead.
+and forwards that instead. Stages read and write a whole batch in one statement each.
+
+An item's life: ``pending`` -> (``rewritten`` -> ``answered`` ->) ``done``, or ``failed`` / ``cancelled``. An item
+whose stage hit a transient error is *parked* (``retry_at``) and re-published by the sweep when due; after its
+last attempt it fails with the reason. ``published_at`` says when it was last handed to a topic: the sweep
+re-publishes an item idle beyond a threshold, so a message the broker lost delays the item, never loses it.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from bpo.engines.base import Completion
 from bpo.messages import ALL_STAGES
+from bpo.store.caches import CacheTables
+from bpo.store.progress import ProgressTables, increments
+from bpo.store.registry import RegistryTables
+from bpo.store.teams import TeamTables
 
 Pool = ConnectionPool[Connection[dict[str, Any]]]
 UNFINISHED = ("pending", "rewritten", "answered")
 # What a stage's successful write sets the status to, when more stages follow it.
 STATUS_AFTER = {"rewrite": "rewritten", "generate": "answered", "judge": "done"}
+# The status an item has while it waits for each stage.
+STATUS_BEFORE = {"rewrite": "pending", "generate": "rewritten", "judge": "answered"}
+OUTPUT_COLUMN = {"rewrite": "rewrite", "generate": "answers", "judge": "verdict"}
+TOKEN_COLUMNS = {"rewrite": "rewrite_tokens", "generate": "target_tokens", "judge": "judge_tokens"}
+# A report lists at most this many failures, and summarises every distinct reason (at most this many, each
+# with the corpus lines of its first occurrences).
+MAX_REPORTED_FAILURES = 1000
+MAX_FAILURE_REASONS = 100
+FAILURE_SAMPLE_LINES = 5
+# The role whose daily token quota a stage's work counts against.
+USAGE_ROLE = {"rewrite": "optimizer", "generate": "target", "judge": "judge"}
+
+
+def _failed_counts(stage: str) -> dict[str, str]:
+    """The counters an item failing in ``stage`` grows (its stage's, if it is one, and the job's)."""
+    counts = {"failed": "count(*)"}
+    if stage in ALL_STAGES:
+        counts[f"{stage}_failed"] = "count(*)"
+    return counts
 
 
 def item_id_for(job_id: str, source_id: str) -> str:
     """Deterministic: the same corpus record in the same job always gets the same id (re-submits dedupe)."""
     return str(uuid.uuid5(uuid.UUID(job_id), source_id))
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +88,9 @@ class JobRow:
     state: str
     created_at_ms: int
     finished_at_ms: int
+    # The team that submitted it ("" and None for jobs from before teams existed).
+    team: str = ""
+    team_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,48 +105,160 @@ class StageCounts:
 class ResumeItem:
     item: dict[str, Any]
     next_stage: str
+    reason: str = "resumed"
+
+
+@dataclass(frozen=True, slots=True)
+class StageWrite:
+    """One item's output of one stage, as a stage writes it. ``extra`` holds the stage's own columns
+    (rewrite: ``cache_hit``, ``fallback_reason``; judge: ``winner``)."""
+
+    item_id: str
+    output: dict[str, Any]
+    tokens_in: int
+    tokens_out: int
+    final: bool
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long an item whose stage keeps failing transiently is retried: exponential back-off from
+    ``base_delay_s`` capped at ``max_delay_s``, ``max_attempts`` in all (the defaults span about 35 minutes)."""
+
+    base_delay_s: float = 5.0
+    max_delay_s: float = 300.0
+    max_attempts: int = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    parked: list[str]
+    gave_up: list[str]
+
+
+_EXTRA_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "rewrite": (("cache_hit", "boolean"), ("fallback_reason", "text")),
+    "generate": (),
+    "judge": (("winner", "text"),),
+}
 
 
 def _ms(value: Any) -> int:
     return int(value.timestamp() * 1000) if value is not None else 0
 
 
-class PipelineStore:
+def _job_row(row: Mapping[str, Any]) -> JobRow:
+    return JobRow(
+        job_id=str(row["job_id"]),
+        name=row["name"],
+        spec=row["spec"],
+        stages=tuple(row["stages"]),
+        state=row["state"],
+        created_at_ms=_ms(row["created_at"]),
+        finished_at_ms=_ms(row["finished_at"]),
+        team=row.get("team_name") or "",
+        team_id=str(row["team_id"]) if row.get("team_id") is not None else None,
+    )
+
+
+def next_stage_of(status: str, stages: Sequence[str]) -> str | None:
+    """The stage an unfinished item of a job with ``stages`` needs next, given its status."""
+    if status == "pending":
+        return stages[0]
+    for previous, following in pairwise(stages):
+        if STATUS_AFTER[previous] == status:
+            return following
+    return None
+
+
+class PipelineStore(CacheTables, RegistryTables, TeamTables, ProgressTables):
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
 
     # -- jobs --------------------------------------------------------------------------------------------
 
-    def create_job(self, name: str, spec: dict[str, Any], stages: Sequence[str]) -> str:
+    def begin_job(self, name: str, spec: dict[str, Any], stages: Sequence[str], team_id: str | None = None) -> str:
+        """A job whose corpus is still arriving: invisible to the stages until ``start_job``."""
+        return self._insert_job(name, spec, stages, "submitting", team_id)
+
+    def create_job(self, name: str, spec: dict[str, Any], stages: Sequence[str], team_id: str | None = None) -> str:
+        """A running job at once (items added later are published by whoever adds them)."""
+        return self._insert_job(name, spec, stages, "running", team_id)
+
+    def _insert_job(
+        self, name: str, spec: dict[str, Any], stages: Sequence[str], state: str, team_id: str | None
+    ) -> str:
         job_id = str(uuid.uuid4())
         with self._pool.connection() as conn:
             conn.execute(
-                "INSERT INTO jobs (job_id, name, spec, stages, state) VALUES (%s, %s, %s, %s, 'running')",
-                (job_id, name, Jsonb(spec), list(stages)),
+                "INSERT INTO jobs (job_id, name, spec, stages, state, team_id) VALUES (%s, %s, %s, %s, %s, %s)",
+                (job_id, name, Jsonb(spec), list(stages), state, team_id),
             )
         return job_id
 
-    def get_job(self, job_id: str) -> JobRow | None:
-        if not _is_uuid(job_id):
-            return None
+    def heartbeat_job(self, job_id: str) -> None:
+        """A submission in progress says it is alive (the sweep deletes submissions that stopped saying so)."""
         with self._pool.connection() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
-        if row is None:
-            return None
-        return JobRow(
-            job_id=str(row["job_id"]),
-            name=row["name"],
-            spec=row["spec"],
-            stages=tuple(row["stages"]),
-            state=row["state"],
-            created_at_ms=_ms(row["created_at"]),
-            finished_at_ms=_ms(row["finished_at"]),
-        )
+            conn.execute("UPDATE jobs SET heartbeat_at = now() WHERE job_id = %s AND state = 'submitting'", (job_id,))
+
+    def start_job(self, job_id: str) -> bool:
+        """The whole corpus arrived: the job runs from now on. False when it is gone (deleted as stale)."""
+        with self._pool.connection() as conn:
+            updated = conn.execute(
+                "UPDATE jobs SET state = 'running', heartbeat_at = now() WHERE job_id = %s AND state = 'submitting'",
+                (job_id,),
+            ).rowcount
+        return updated == 1
+
+    def abort_job(self, job_id: str) -> bool:
+        """Forget a submission that did not complete, with its items; a started job is never touched."""
+        with self._pool.connection() as conn:
+            deleted = conn.execute("DELETE FROM jobs WHERE job_id = %s AND state = 'submitting'", (job_id,)).rowcount
+        return deleted == 1
+
+    def delete_stale_submissions(self, silent_for_s: float) -> list[str]:
+        """Submissions whose stream stopped (their jobs process died mid-stream): nobody got their id."""
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "DELETE FROM jobs WHERE state = 'submitting' AND heartbeat_at < now() - make_interval(secs => %s)"
+                " RETURNING job_id::text",
+                (silent_for_s,),
+            ).fetchall()
+        return [row["job_id"] for row in rows]
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        return self.jobs_by_ids([job_id]).get(job_id)
+
+    def jobs_by_ids(self, job_ids: Sequence[str]) -> dict[str, JobRow]:
+        wanted = sorted({job_id for job_id in job_ids if is_uuid(job_id)})
+        if not wanted:
+            return {}
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT jobs.*, teams.name AS team_name FROM jobs LEFT JOIN teams USING (team_id)"
+                " WHERE job_id = ANY(%s::uuid[])",
+                (wanted,),
+            ).fetchall()
+        return {str(row["job_id"]): _job_row(row) for row in rows}
 
     def running_jobs(self) -> list[JobRow]:
         with self._pool.connection() as conn:
-            ids = [str(r["job_id"]) for r in conn.execute("SELECT job_id FROM jobs WHERE state = 'running'")]
-        return [job for job in (self.get_job(i) for i in ids) if job is not None]
+            rows = conn.execute(
+                "SELECT jobs.*, teams.name AS team_name FROM jobs LEFT JOIN teams USING (team_id)"
+                " WHERE state = 'running'"
+            ).fetchall()
+        return [_job_row(row) for row in rows]
+
+    def oldest_unfinished_item_age_s(self) -> float:
+        """Seconds since the oldest unfinished item of a running job was submitted (0 when there is none)."""
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT extract(epoch FROM now() - min(i.created_at)) AS age FROM items i"
+                " JOIN jobs j ON j.job_id = i.job_id AND j.state = 'running' WHERE i.status = ANY(%s)",
+                (list(UNFINISHED),),
+            ).fetchone()
+        return float(row["age"]) if row is not None and row["age"] is not None else 0.0
 
     def cancel_job(self, job_id: str) -> bool:
         with self._pool.connection() as conn, conn.transaction():
@@ -113,62 +267,98 @@ class PipelineStore:
                 (job_id,),
             ).rowcount
             conn.execute(
-                "UPDATE items SET status = 'cancelled', finished_at = now() WHERE job_id = %s AND status = ANY(%s)",
+                "WITH cancelled AS (UPDATE items SET status = 'cancelled', finished_at = now(), retry_at = NULL"
+                " WHERE job_id = %s AND status = ANY(%s) RETURNING job_id) "
+                + increments("cancelled", {"cancelled": "count(*)"}),
                 (job_id, list(UNFINISHED)),
             )
         return updated == 1
 
     def finish_job_if_complete(self, job_id: str) -> bool:
-        """End a running job once none of its items is left to process, in the state its items earned:
-        ``succeeded`` when none failed, ``failed`` when none finished (an empty job included: nothing was
-        done), ``partially_failed`` otherwise. Rejected corpus lines count as failed items."""
+        return bool(self.finish_jobs_if_complete([job_id]))
+
+    def finish_jobs_if_complete(self, job_ids: Sequence[str]) -> list[str]:
+        """End each running job with no item left to process, in the state its items earned: ``succeeded``
+        when none failed, ``failed`` when none finished (an empty job included: nothing was done),
+        ``partially_failed`` otherwise. Rejected corpus lines count as failed items. Returns the jobs ended."""
+        wanted = sorted({job_id for job_id in job_ids if is_uuid(job_id)})
+        if not wanted:
+            return []
         with self._pool.connection() as conn:
-            return (
-                conn.execute(
-                    "UPDATE jobs SET finished_at = now(), state = CASE"
-                    " WHEN c.done = 0 THEN 'failed' WHEN c.failed > 0 THEN 'partially_failed' ELSE 'succeeded' END"
-                    " FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,"
-                    "  count(*) FILTER (WHERE status = 'failed')"
-                    "  + (SELECT count(*) FROM rejected_lines WHERE job_id = %s) AS failed"
-                    "  FROM items WHERE job_id = %s) AS c"
-                    " WHERE jobs.job_id = %s AND jobs.state = 'running'"
-                    " AND NOT EXISTS (SELECT 1 FROM items WHERE job_id = %s AND status = ANY(%s))",
-                    (job_id, job_id, job_id, job_id, list(UNFINISHED)),
-                ).rowcount
-                == 1
-            )
+            rows = conn.execute(
+                "UPDATE jobs SET finished_at = now(), state = CASE"
+                " WHEN c.done = 0 THEN 'failed' WHEN c.failed > 0 THEN 'partially_failed' ELSE 'succeeded' END"
+                " FROM (SELECT j.job_id,"
+                "   (SELECT count(*) FROM items i WHERE i.job_id = j.job_id AND i.status = 'done') AS done,"
+                "   (SELECT count(*) FROM items i WHERE i.job_id = j.job_id AND i.status = 'failed')"
+                "   + (SELECT count(*) FROM rejected_lines r WHERE r.job_id = j.job_id) AS failed"
+                "  FROM jobs j WHERE j.job_id = ANY(%s::uuid[]) AND j.state = 'running'"
+                "  AND NOT EXISTS (SELECT 1 FROM items i WHERE i.job_id = j.job_id AND i.status = ANY(%s))) AS c"
+                " WHERE jobs.job_id = c.job_id AND jobs.state = 'running' RETURNING jobs.job_id::text",
+                (wanted, list(UNFINISHED)),
+            ).fetchall()
+        return [row["job_id"] for row in rows]
 
     # -- items -------------------------------------------------------------------------------------------
 
     def add_items(self, job_id: str, items: Sequence[NewItem]) -> tuple[list[str], int]:
-        """Insert a chunk of items; returns the ids inserted now and how many were duplicates of earlier ones."""
-        inserted: list[str] = []
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            for item in items:
-                item_id = item_id_for(job_id, item.source_id)
-                cur.execute(
-                    "INSERT INTO items (item_id, job_id, source_id, line, prompt, context, category, prompt_hash)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (item_id, job_id, item.source_id, item.line, item.prompt, item.context, item.category,
-                     item.prompt_hash),
-                )  # fmt: skip
-                if cur.rowcount == 1:
-                    inserted.append(item_id)
-        return inserted, len(items) - len(inserted)
+        """Insert a chunk of items in one statement; returns the ids inserted now and how many were duplicates
+        (of earlier items or of each other)."""
+        if not items:
+            return [], 0
+        first: dict[str, NewItem] = {}
+        for item in items:
+            first.setdefault(item_id_for(job_id, item.source_id), item)
+        ids = list(first)
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "WITH added AS (INSERT INTO items"
+                " (item_id, job_id, source_id, line, prompt, context, category, prompt_hash)"
+                " SELECT u.item_id, %s, u.source_id, u.line, u.prompt, u.context, u.category, u.prompt_hash"
+                " FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " AS u(item_id, source_id, line, prompt, context, category, prompt_hash)"
+                " ON CONFLICT DO NOTHING RETURNING item_id, job_id),"
+                f" counted AS ({increments('added', {'items': 'count(*)'})})"
+                " SELECT item_id::text FROM added",
+                (
+                    job_id,
+                    ids,
+                    [first[i].source_id for i in ids],
+                    [first[i].line for i in ids],
+                    [first[i].prompt for i in ids],
+                    [first[i].context for i in ids],
+                    [first[i].category for i in ids],
+                    [first[i].prompt_hash for i in ids],
+                ),
+            ).fetchall()
+        inserted = {row["item_id"] for row in rows}
+        ordered = [item_id for item_id in ids if item_id in inserted]
+        return ordered, len(items) - len(ordered)
 
     def add_rejected(self, job_id: str, line: int, reason: str) -> None:
+        self.add_rejected_lines(job_id, [(line, reason)])
+
+    def add_rejected_lines(self, job_id: str, lines: Sequence[tuple[int, str]]) -> None:
+        if not lines:
+            return
         with self._pool.connection() as conn:
             conn.execute(
-                "INSERT INTO rejected_lines (job_id, line, reason) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                (job_id, line, reason),
+                "WITH added AS (INSERT INTO rejected_lines (job_id, line, reason) SELECT %s, u.line, u.reason"
+                " FROM unnest(%s::int[], %s::text[]) AS u(line, reason) ON CONFLICT DO NOTHING RETURNING job_id) "
+                + increments("added", {"rejected": "count(*)"}),
+                (job_id, [line for line, _ in lines], [reason for _, reason in lines]),
             )
 
     def get_item(self, item_id: str) -> dict[str, Any] | None:
-        if not _is_uuid(item_id):
-            return None
+        return self.items_by_ids([item_id]).get(item_id)
+
+    def items_by_ids(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        wanted = sorted({item_id for item_id in item_ids if is_uuid(item_id)})
+        if not wanted:
+            return {}
         with self._pool.connection() as conn:
-            row = conn.execute("SELECT * FROM items WHERE item_id = %s", (item_id,)).fetchone()
-        return dict(row) if row is not None else None
+            rows = conn.execute("SELECT * FROM items WHERE item_id = ANY(%s::uuid[])", (wanted,)).fetchall()
+        return {str(row["item_id"]): dict(row) for row in rows}
 
     def items_page(self, job_id: str, after: tuple[int, str] | None, limit: int = 500) -> list[dict[str, Any]]:
         """One page of a job's items in corpus order; pass the last row's (line, source_id) for the next."""
@@ -187,17 +377,53 @@ class PipelineStore:
             yield from page
             after = (page[-1]["line"], page[-1]["source_id"])
 
-    def _record(self, item_id: str, stage: str, sets: str, values: tuple[Any, ...], final: bool) -> bool:
-        column = {"rewrite": "rewrite", "generate": "answers", "judge": "verdict"}[stage]
-        status = "done" if final else STATUS_AFTER[stage]
+    def record_outputs(self, stage: str, writes: Sequence[StageWrite]) -> set[str]:
+        """Write one stage's outputs for a batch of items, each once (``WHERE <output> IS NULL``), in one
+        statement; returns the items written now. An item another delivery wrote first, or that failed or was
+        cancelled meanwhile, is left as it is. A write clears the item's retry state and marks it published
+        (its output is forwarded next)."""
+        if not writes:
+            return set()
+        column, tokens = OUTPUT_COLUMN[stage], TOKEN_COLUMNS[stage]
+        counted = increments("written", {f"{stage}_done": "count(*)", "done": "count(*) FILTER (WHERE final)"})
+        extras = _EXTRA_COLUMNS[stage]
+        extra_sets = "".join(f", {name} = u.{name}" for name, _ in extras)
+        extra_arrays = "".join(f", %s::{kind}[]" for _, kind in extras)
+        extra_names = "".join(f", {name}" for name, _ in extras)
+        rows_by_id = {write.item_id: write for write in writes if is_uuid(write.item_id)}
+        ids = list(rows_by_id)
+        params: list[Any] = [
+            ids,
+            [json.dumps(rows_by_id[i].output, ensure_ascii=False) for i in ids],
+            [rows_by_id[i].tokens_in for i in ids],
+            [rows_by_id[i].tokens_out for i in ids],
+            [rows_by_id[i].final for i in ids],
+            *([rows_by_id[i].extra.get(name) for i in ids] for name, _ in extras),
+            STATUS_AFTER[stage],
+        ]
         with self._pool.connection() as conn:
-            updated = conn.execute(
-                f"UPDATE items SET {sets}, status = %s, {column}_at = now(),"
-                " finished_at = CASE WHEN %s THEN now() ELSE finished_at END"
-                f" WHERE item_id = %s AND {column} IS NULL AND status NOT IN ('failed', 'cancelled')",
-                (*values, status, final, item_id),
-            ).rowcount
-        return updated == 1
+            rows = conn.execute(
+                f"WITH written AS (UPDATE items AS i SET {column} = u.output::jsonb, {column}_at = now(),"
+                f" {tokens}_in = u.tokens_in, {tokens}_out = u.tokens_out{extra_sets},"
+                " status = CASE WHEN u.final THEN 'done' ELSE %s END,"
+                " finished_at = CASE WHEN u.final THEN now() ELSE i.finished_at END,"
+                " attempts = 0, retry_at = NULL, last_error = NULL, published_at = now()"
+                f" FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::int[], %s::boolean[]{extra_arrays})"
+                f" AS u(item_id, output, tokens_in, tokens_out, final{extra_names})"
+                f" WHERE i.item_id = u.item_id AND i.{column} IS NULL AND i.status NOT IN ('failed', 'cancelled')"
+                " RETURNING i.item_id, i.job_id, u.tokens_in, u.tokens_out, u.final),"
+                f" counted AS ({counted}),"
+                # What the stage spent counts against the team's daily usage, in the same statement.
+                " usage AS (INSERT INTO team_usage (team_id, day, role, tokens_in, tokens_out)"
+                "  SELECT j.team_id, (now() AT TIME ZONE 'UTC')::date, %s, sum(w.tokens_in), sum(w.tokens_out)"
+                "  FROM written w JOIN jobs j ON j.job_id = w.job_id WHERE j.team_id IS NOT NULL GROUP BY j.team_id"
+                "  ON CONFLICT (team_id, day, role) DO UPDATE SET"
+                "  tokens_in = team_usage.tokens_in + excluded.tokens_in,"
+                "  tokens_out = team_usage.tokens_out + excluded.tokens_out)"
+                " SELECT item_id::text FROM written",
+                [params[-1], *params[:-1], USAGE_ROLE[stage]],
+            ).fetchall()
+        return {row["item_id"] for row in rows}
 
     def record_rewrite(
         self,
@@ -210,89 +436,165 @@ class PipelineStore:
         fallback_reason: str | None,
         final: bool,
     ) -> bool:
-        return self._record(
-            item_id,
-            "rewrite",
-            "rewrite = %s, rewrite_tokens_in = %s, rewrite_tokens_out = %s, cache_hit = %s, fallback_reason = %s",
-            (Jsonb(rewrite), tokens_in, tokens_out, cache_hit, fallback_reason),
-            final,
-        )
+        extra = {"cache_hit": cache_hit, "fallback_reason": fallback_reason}
+        write = StageWrite(item_id, rewrite, tokens_in, tokens_out, final, extra)
+        return bool(self.record_outputs("rewrite", [write]))
 
     def record_answers(
         self, item_id: str, answers: dict[str, Any], *, tokens_in: int, tokens_out: int, final: bool
     ) -> bool:
-        return self._record(
-            item_id,
-            "generate",
-            "answers = %s, target_tokens_in = %s, target_tokens_out = %s",
-            (Jsonb(answers), tokens_in, tokens_out),
-            final,
-        )
+        return bool(self.record_outputs("generate", [StageWrite(item_id, answers, tokens_in, tokens_out, final)]))
 
     def record_verdict(
         self, item_id: str, verdict: dict[str, Any], *, winner: str, tokens_in: int, tokens_out: int
     ) -> bool:
-        return self._record(
-            item_id,
-            "judge",
-            "verdict = %s, winner = %s, judge_tokens_in = %s, judge_tokens_out = %s",
-            (Jsonb(verdict), winner, tokens_in, tokens_out),
-            True,
-        )
+        write = StageWrite(item_id, verdict, tokens_in, tokens_out, True, {"winner": winner})
+        return bool(self.record_outputs("judge", [write]))
 
     def mark_failed(self, item_id: str, stage: str, reason: str) -> bool:
-        if not _is_uuid(item_id):
-            return False
+        return bool(self.fail_items(stage, [(item_id, reason)]))
+
+    def fail_items(self, stage: str, failures: Sequence[tuple[str, str]]) -> set[str]:
+        """Fail unfinished items for good, each with its reason; returns those failed now."""
+        pairs = [(item_id, reason) for item_id, reason in failures if is_uuid(item_id)]
+        if not pairs:
+            return set()
         with self._pool.connection() as conn:
-            return (
-                conn.execute(
-                    "UPDATE items SET status = 'failed', failed_stage = %s, error = %s, finished_at = now()"
-                    " WHERE item_id = %s AND status = ANY(%s)",
-                    (stage, reason, item_id, list(UNFINISHED)),
-                ).rowcount
-                == 1
+            rows = conn.execute(
+                "WITH failed AS (UPDATE items AS i SET status = 'failed', failed_stage = %s, error = u.reason,"
+                " finished_at = now(), retry_at = NULL FROM unnest(%s::uuid[], %s::text[]) AS u(item_id, reason)"
+                " WHERE i.item_id = u.item_id AND i.status = ANY(%s) RETURNING i.item_id, i.job_id),"
+                f" counted AS ({increments('failed', _failed_counts(stage))})"
+                " SELECT item_id::text FROM failed",
+                (stage, [p[0] for p in pairs], [p[1] for p in pairs], list(UNFINISHED)),
+            ).fetchall()
+        return {row["item_id"] for row in rows}
+
+    def park_items(self, stage: str, failures: Sequence[tuple[str, str]], policy: RetryPolicy) -> Parked:
+        """Items whose stage hit a transient error wait until ``retry_at`` (exponential back-off); an item on
+        its last attempt fails instead, with the reason. The sweep re-publishes parked items when they are due."""
+        pairs = [(item_id, reason) for item_id, reason in failures if is_uuid(item_id)]
+        if not pairs:
+            return Parked([], [])
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "WITH parked AS (UPDATE items AS i SET attempts = i.attempts + 1, last_error = u.reason,"
+                " retry_at = CASE WHEN i.attempts + 1 >= %(max)s THEN NULL"
+                "  ELSE now() + make_interval(secs => least(%(cap)s, %(base)s * power(2, i.attempts))) END,"
+                " status = CASE WHEN i.attempts + 1 >= %(max)s THEN 'failed' ELSE i.status END,"
+                " failed_stage = CASE WHEN i.attempts + 1 >= %(max)s THEN %(stage)s ELSE i.failed_stage END,"
+                " error = CASE WHEN i.attempts + 1 >= %(max)s"
+                "  THEN 'gave up after ' || (i.attempts + 1) || ' attempts: ' || u.reason ELSE i.error END,"
+                " finished_at = CASE WHEN i.attempts + 1 >= %(max)s THEN now() ELSE i.finished_at END"
+                " FROM unnest(%(ids)s::uuid[], %(reasons)s::text[]) AS u(item_id, reason)"
+                " WHERE i.item_id = u.item_id AND i.status = ANY(%(unfinished)s)"
+                " RETURNING i.item_id, i.job_id, i.status),"
+                " gave_up AS (SELECT job_id FROM parked WHERE status = 'failed'),"
+                f" counted AS ({increments('gave_up', _failed_counts(stage))})"
+                " SELECT item_id::text, status FROM parked",
+                {
+                    "max": policy.max_attempts,
+                    "cap": policy.max_delay_s,
+                    "base": policy.base_delay_s,
+                    "stage": stage,
+                    "ids": [p[0] for p in pairs],
+                    "reasons": [p[1] for p in pairs],
+                    "unfinished": list(UNFINISHED),
+                },
+            ).fetchall()
+        return Parked(
+            parked=[row["item_id"] for row in rows if row["status"] != "failed"],
+            gave_up=[row["item_id"] for row in rows if row["status"] == "failed"],
+        )
+
+    def defer_items(self, item_ids: Sequence[str], until: datetime, reason: str) -> None:
+        """Hold items until ``until`` without counting an attempt (their team's quota is used up for the day)."""
+        wanted = [item_id for item_id in item_ids if is_uuid(item_id)]
+        if not wanted:
+            return
+        with self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE items SET retry_at = %s, last_error = %s WHERE item_id = ANY(%s::uuid[]) AND status = ANY(%s)",
+                (until, reason, wanted, list(UNFINISHED)),
             )
+
+    def mark_published(self, item_ids: Sequence[str]) -> None:
+        wanted = [item_id for item_id in item_ids if is_uuid(item_id)]
+        if not wanted:
+            return
+        with self._pool.connection() as conn:
+            conn.execute("UPDATE items SET published_at = now() WHERE item_id = ANY(%s::uuid[])", (wanted,))
+
+    def claim_due_items(self, idle_s: float, limit: int, cutoff: datetime) -> list[ResumeItem]:
+        """Unfinished items of running jobs to hand to their next stage again: parked items whose time has come,
+        items never published, and items published before ``min(now - idle_s, cutoff)`` and not done since (their
+        message was lost). Claimed items are marked published now, so concurrent sweeps (several jobs replicas)
+        take different ones and a pass never claims its own items twice; each comes with the stage it needs next
+        and why it was due (``ResumeItem.reason``: parked, unpublished or idle)."""
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "WITH parked AS ("
+                "  SELECT i.item_id, 'parked' AS reason FROM items i"
+                "  JOIN jobs j ON j.job_id = i.job_id AND j.state = 'running'"
+                "  WHERE i.retry_at IS NOT NULL AND i.retry_at <= now() AND i.status = ANY(%(unfinished)s)"
+                "  ORDER BY i.retry_at LIMIT %(limit)s FOR UPDATE OF i SKIP LOCKED),"
+                " idle AS ("
+                "  SELECT i.item_id, CASE WHEN i.published_at IS NULL THEN 'unpublished' ELSE 'idle' END AS reason"
+                "  FROM items i JOIN jobs j ON j.job_id = i.job_id AND j.state = 'running'"
+                "  WHERE i.retry_at IS NULL AND i.status = ANY(%(unfinished)s) AND (i.published_at IS NULL"
+                "  OR i.published_at < least(now() - make_interval(secs => %(idle)s), %(cutoff)s))"
+                "  ORDER BY i.published_at NULLS FIRST, i.job_id, i.line LIMIT %(limit)s FOR UPDATE OF i SKIP LOCKED),"
+                " due AS (SELECT * FROM parked UNION ALL SELECT * FROM idle)"
+                " UPDATE items SET published_at = now(), retry_at = NULL FROM due"
+                " WHERE items.item_id = due.item_id RETURNING items.*, due.reason AS due_reason",
+                {"unfinished": list(UNFINISHED), "idle": idle_s, "limit": limit, "cutoff": cutoff},
+            ).fetchall()
+            jobs = self._stages_of(conn, {str(row["job_id"]) for row in rows})
+        resumed = []
+        for row in rows:
+            stage = next_stage_of(row["status"], jobs.get(str(row["job_id"]), ()))
+            if stage is not None:
+                item = dict(row)
+                reason = item.pop("due_reason")
+                resumed.append(ResumeItem(item, stage, reason))
+        return resumed
+
+    def unmark_published(self, item_ids: Sequence[str]) -> None:
+        """Items claimed for publishing that could not be published: the next sweep takes them again."""
+        wanted = [item_id for item_id in item_ids if is_uuid(item_id)]
+        if not wanted:
+            return
+        with self._pool.connection() as conn:
+            conn.execute("UPDATE items SET published_at = NULL WHERE item_id = ANY(%s::uuid[])", (wanted,))
+
+    @staticmethod
+    def _stages_of(conn: Connection[dict[str, Any]], job_ids: set[str]) -> dict[str, tuple[str, ...]]:
+        if not job_ids:
+            return {}
+        rows = conn.execute(
+            "SELECT job_id::text, stages FROM jobs WHERE job_id = ANY(%s::uuid[])", (sorted(job_ids),)
+        ).fetchall()
+        return {row["job_id"]: tuple(row["stages"]) for row in rows}
 
     def unfinished_items(self, job: JobRow) -> Iterator[ResumeItem]:
         """Items a restart must re-publish, each with the stage that should see it next."""
-        next_stage = {"pending": job.stages[0]}
-        for previous, following in zip(job.stages, job.stages[1:], strict=False):
-            next_stage[STATUS_AFTER[previous]] = following
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "SELECT * FROM items WHERE job_id = %s AND status = ANY(%s) ORDER BY line",
                 (job.job_id, list(UNFINISHED)),
             ).fetchall()
         for row in rows:
-            stage = next_stage.get(row["status"])
+            stage = next_stage_of(row["status"], job.stages)
             if stage is not None:
                 yield ResumeItem(dict(row), stage)
 
     # -- progress and reports ----------------------------------------------------------------------------
 
     def stage_counts(self, job: JobRow) -> tuple[int, list[StageCounts], int]:
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT count(*) AS items,"
-                " count(rewrite) AS rewrite_done, count(*) FILTER (WHERE failed_stage = 'rewrite') AS rewrite_failed,"
-                " count(answers) AS generate_done,"
-                " count(*) FILTER (WHERE failed_stage = 'generate') AS generate_failed,"
-                " count(verdict) AS judge_done, count(*) FILTER (WHERE failed_stage = 'judge') AS judge_failed,"
-                " count(*) FILTER (WHERE status IN ('done', 'failed', 'cancelled')) AS finished"
-                " FROM items WHERE job_id = %s",
-                (job.job_id,),
-            ).fetchone()
-            rejected = conn.execute(
-                "SELECT count(*) AS n FROM rejected_lines WHERE job_id = %s", (job.job_id,)
-            ).fetchone()
-        assert row is not None and rejected is not None
-        total = int(row["items"])
-        stages = [
-            StageCounts(stage, total, int(row[f"{stage}_done"]), int(row[f"{stage}_failed"]))
-            for stage in ALL_STAGES
-            if stage in job.stages
-        ]
-        return total + int(rejected["n"]), stages, int(row["finished"]) + int(rejected["n"])
+        """(items and rejected lines, each stage's counts, how many of those finished), from the counters."""
+        counts = self.progress_of([job.job_id])[job.job_id]
+        stages = [StageCounts(stage, counts.items, *counts.stage(stage)) for stage in ALL_STAGES if stage in job.stages]
+        return counts.items + counts.rejected, stages, counts.finished
 
     def report_rows(self, job_id: str) -> dict[str, Any]:
         with self._pool.connection() as conn:
@@ -321,101 +623,29 @@ class PipelineStore:
                 " FROM items WHERE job_id = %s GROUP BY 1 ORDER BY 1",
                 (job_id,),
             ).fetchall()
-            failures = conn.execute(
+            every_failure = (
                 "SELECT item_id::text AS item_id, source_id, line, failed_stage AS stage, error AS reason"
-                " FROM items WHERE job_id = %s AND status = 'failed'"
+                " FROM items WHERE job_id = %(job)s AND status = 'failed'"
                 " UNION ALL SELECT '' AS item_id, '' AS source_id, line, 'submit' AS stage, reason"
-                " FROM rejected_lines WHERE job_id = %s ORDER BY line",
-                (job_id, job_id),
+                " FROM rejected_lines WHERE job_id = %(job)s"
+            )
+            # Bounded whatever the job's size: the first failures, and every distinct reason counted.
+            failures = conn.execute(
+                f"SELECT * FROM ({every_failure}) f ORDER BY line LIMIT %(limit)s",
+                {"job": job_id, "limit": MAX_REPORTED_FAILURES},
             ).fetchall()
-        return {"totals": totals, "categories": categories, "failures": failures}
-
-    # -- rewrite cache -----------------------------------------------------------------------------------
-
-    def cached_rewrite(self, prompt_hash: str, model_version: str, params_hash: str) -> dict[str, Any] | None:
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "UPDATE rewrite_cache SET hits = hits + 1"
-                " WHERE prompt_hash = %s AND model_version = %s AND params_hash = %s RETURNING rewrite",
-                (prompt_hash, model_version, params_hash),
-            ).fetchone()
-        return row["rewrite"] if row is not None else None
-
-    def cache_rewrite(self, prompt_hash: str, model_version: str, params_hash: str, rewrite: dict[str, Any]) -> None:
-        with self._pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO rewrite_cache (prompt_hash, model_version, params_hash, rewrite)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (prompt_hash, model_version, params_hash, Jsonb(rewrite)),
-            )
-
-    # -- completion cache (greedy target and judge calls) --------------------------------------------------
-
-    def cached_completions(self, keys: Sequence[str]) -> dict[str, Completion]:
-        if not keys:
-            return {}
-        with self._pool.connection() as conn:
-            rows = conn.execute(
-                "UPDATE completion_cache SET hits = hits + 1 WHERE key = ANY(%s) RETURNING key, completion",
-                (list(keys),),
+            reasons = conn.execute(
+                f"SELECT stage, reason, count(*) AS count, (array_agg(line ORDER BY line))[1:%(sample)s] AS lines"
+                f" FROM ({every_failure}) f GROUP BY stage, reason ORDER BY count(*) DESC, min(line)"
+                " LIMIT %(limit)s",
+                {"job": job_id, "sample": FAILURE_SAMPLE_LINES, "limit": MAX_FAILURE_REASONS},
             ).fetchall()
-        return {row["key"]: Completion(**row["completion"]) for row in rows}
-
-    def cache_completions(self, model: str, entries: Mapping[str, Completion]) -> None:
-        if not entries:
-            return
-        with self._pool.connection() as conn:
-            conn.cursor().executemany(
-                "INSERT INTO completion_cache (key, model, completion) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                [(key, model, Jsonb(asdict(completion))) for key, completion in entries.items()],
-            )
-
-    # -- model registry ----------------------------------------------------------------------------------
-
-    def register_model(
-        self,
-        name: str,
-        version: str,
-        *,
-        base_model: str = "",
-        source: str = "",
-        manifest_hash: str = "",
-        metrics: dict[str, Any] | None = None,
-    ) -> None:
-        with self._pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO model_registry (name, version, base_model, source, manifest_hash, metrics)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name, version) DO UPDATE"
-                " SET base_model = excluded.base_model, source = excluded.source,"
-                " manifest_hash = excluded.manifest_hash, metrics = excluded.metrics",
-                (name, version, base_model, source, manifest_hash, Jsonb(metrics or {})),
-            )
-
-    def set_alias(self, alias: str, name: str, version: str) -> None:
-        with self._pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO model_aliases (alias, name, version) VALUES (%s, %s, %s)"
-                " ON CONFLICT (alias) DO UPDATE SET name = excluded.name, version = excluded.version,"
-                " updated_at = now()",
-                (alias, name, version),
-            )
-
-    def resolve_alias(self, alias: str) -> tuple[str, str] | None:
-        """(name, version) an alias points at; a registered optimizer's own name stands for its newest version."""
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT name, version FROM ("
-                " SELECT 0 AS rank, a.name, a.version, now() AS created_at FROM model_aliases a WHERE a.alias = %s"
-                " UNION ALL SELECT 1, name, version, created_at FROM model_registry WHERE name = %s"
-                ") AS found ORDER BY rank, created_at DESC LIMIT 1",
-                (alias, alias),
-            ).fetchone()
-        return (row["name"], row["version"]) if row is not None else None
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+        counts = self.progress_of([job_id])[job_id]
+        return {
+            "totals": totals,
+            "categories": categories,
+            "failures": failures,
+            "failure_reasons": reasons,
+            "failed": counts.failed + counts.rejected,
+            "rejected": counts.rejected,
+        }

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer  # type: ignore[import-untyped]
-from kafka.errors import KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
+from kafka.errors import (  # type: ignore[import-untyped]
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition  # type: ignore[import-untyped]
 from pydantic import BaseModel, Field
 
@@ -29,6 +33,7 @@ __all__ = [
     "InboundMessage",
     "KafkaSettings",
     "MessageFailure",
+    "OutboundMessage",
     "Producer",
     "PublishError",
     "PublishedRecord",
@@ -38,6 +43,7 @@ __all__ = [
     "make_consumer",
     "make_producer",
     "publish",
+    "publish_many",
     "topic_partition",
 ]
 
@@ -56,28 +62,44 @@ PLATFORM_TOPICS = (Topics.PROMPTS, Topics.REWRITES, Topics.ANSWERS, Topics.VERDI
 
 
 class KafkaSettings(BaseModel):
-    """How stages reach Kafka and how hard they try before dead-lettering a message."""
+    """How stages reach Kafka, and how a stage backs off while a dependency is down."""
 
     bootstrap_servers: str
     topic_prefix: str = "bpo"
     session_timeout_ms: int = Field(default=10000, ge=1000)
     heartbeat_interval_ms: int = Field(default=3000, ge=100)
-    # A batch must be processed within this, or the group hands its partitions to another member.
+    # A batch must be processed within this, or the group hands its partitions to another member: it must
+    # exceed the stages' batch deadline (the runtime derives it from that).
     max_poll_interval_ms: int = Field(default=300000, ge=1000)
     max_poll_records: int = Field(default=8, ge=1)
     poll_timeout_ms: int = Field(default=1000, ge=0)
-    max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=0.5, ge=0)
     publish_timeout_s: float = Field(default=30.0, gt=0)
+    # The largest message a producer sends: what the brokers accept (Kafka's message.max.bytes, 1 MiB by
+    # default). Larger items are refused at submission, so no hop ever carries more.
+    max_message_bytes: int = Field(default=1_048_576, ge=1024)
+    partitions: int = Field(default=8, ge=1)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
 
 class PublishError(BpoError):
-    """The broker did not acknowledge a message: it may not be on the topic."""
+    """The broker did not acknowledge a message: it may not be on the topic. ``too_large``: the message itself
+    is refused (over the size limit) and would be on any retry; anything else is the broker's condition."""
 
     status_code = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def _publish_error(topic: str, exc: KafkaError) -> PublishError:
+    return PublishError(
+        f"publishing to {topic} failed: {type(exc).__name__}: {exc}",
+        too_large=isinstance(exc, MessageSizeTooLargeError),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +181,10 @@ class Consumer(Protocol):
 
     def seek(self, partition: Any, offset: int) -> None: ...
 
+    def pause(self, *partitions: Any) -> None: ...
+
+    def resume(self, *partitions: Any) -> None: ...
+
     def assignment(self) -> set[Any]: ...
 
     def highwater(self, partition: Any) -> int | None: ...
@@ -186,6 +212,7 @@ def make_producer(settings: KafkaSettings, *, client_id: str = "bpo") -> Produce
         request_timeout_ms=10000,
         delivery_timeout_ms=int(settings.publish_timeout_s * 1000),
         linger_ms=5,
+        max_request_size=settings.max_message_bytes,
     )
     return producer
 
@@ -206,8 +233,49 @@ def publish(
         )
         metadata = future.get(timeout=timeout_s)
     except KafkaError as exc:
-        raise PublishError(f"publishing to {topic} failed: {type(exc).__name__}: {exc}") from exc
+        raise _publish_error(topic, exc) from exc
     return PublishedRecord(topic=str(metadata.topic), partition=int(metadata.partition), offset=int(metadata.offset))
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    topic: str
+    key: str | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def publish_many(
+    producer: Producer, messages: Sequence[OutboundMessage], *, timeout_s: float = 30.0
+) -> list[PublishedRecord | PublishError]:
+    """Send every message, then wait once for all acknowledgements (one round trip for a batch, not one per
+    message). Per message: where it landed, or why it was refused (a message over the size limit is refused
+    alone; the caller decides what that means for its item)."""
+    futures: list[SendFuture | PublishError] = []
+    for message in messages:
+        try:
+            futures.append(
+                producer.send(
+                    message.topic,
+                    value=message.value,
+                    key=message.key.encode() if message.key is not None else None,
+                    headers=list(message.headers) or None,
+                )
+            )
+        except KafkaError as exc:
+            futures.append(_publish_error(message.topic, exc))
+    results: list[PublishedRecord | PublishError] = []
+    for message, future in zip(messages, futures, strict=True):
+        if isinstance(future, PublishError):
+            results.append(future)
+            continue
+        try:
+            metadata = future.get(timeout=timeout_s)
+        except KafkaError as exc:
+            results.append(_publish_error(message.topic, exc))
+            continue
+        results.append(PublishedRecord(str(metadata.topic), int(metadata.partition), int(metadata.offset)))
+    return results
 
 
 def make_consumer(settings: KafkaSettings, group_id: str, topics: Sequence[str], *, client_id: str) -> Consumer:

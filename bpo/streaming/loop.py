@@ -1,9 +1,15 @@
 """The one consume-process-produce-commit loop that every pipeline stage (rewriter, generator, judge) runs.
 
-A stage is a Kafka consumer group. Each round the loop polls a batch, hands it to the stage's handler (which
-writes its results durably and produces them to the next topic), retries the messages the handler reports
-as failed, dead-letters those that keep failing, and only then commits: a crash anywhere before the commit
-redelivers the batch (at-least-once), so handlers must be idempotent.
+A stage is a Kafka consumer group. Each round the loop polls a batch and hands it to the stage's handler, which
+settles every message itself: it writes each item's outcome durably (done, failed, or parked for a later
+retry) and produces the results to the next topic, and returns the messages that are poison (undecodable, or
+naming nothing that exists), which the loop dead-letters at once. Only then does the loop commit: a crash
+anywhere before the commit redelivers the batch (at-least-once), so handlers must be idempotent.
+
+A handler that *raises* met a failure of the platform itself (Postgres, the broker or Redis unreachable), which
+no message can be blamed for: the loop pauses its partitions, keeps its group membership by polling, and
+retries the same batch with capped back-off until it succeeds, the partitions are taken away by a rebalance
+(their new owner redelivers), or the loop is stopped. Nothing is dead-lettered because a dependency is down.
 
 Modelled on Quix Streams' application loop: errors are reported with topic, partition and offset to a
 callback, SIGTERM/SIGINT stop it cleanly after the batch in hand, and ``stop_after`` ends it for tests.
@@ -16,8 +22,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from bpo.streaming.kafka import (
     Consumer,
@@ -48,18 +54,10 @@ DeadLetterHook = Callable[[InboundMessage, str], None]
 ErrorHook = Callable[[Exception, InboundMessage | None], None]
 
 # Headers a dead-lettered message carries on top of its own.
-DEAD_LETTER_HEADERS = ("error", "source_topic", "source_partition", "source_offset", "stage", "attempts")
+DEAD_LETTER_HEADERS = ("error", "source_topic", "source_partition", "source_offset", "stage")
 _MAX_ERROR_HEADER_CHARS = 4000
 _MAX_BACKOFF_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class _BatchOutcome:
-    """Where each partition of a batch may be committed to, and which partitions must re-read from there."""
-
-    commit: dict[tuple[str, int], int]
-    rewind: dict[tuple[str, int], int]
-    resolved: int
+_PAUSED_POLL_MS = 200
 
 
 class StageLoop:
@@ -68,17 +66,15 @@ class StageLoop:
     Consumer groups are global to a cluster: platforms (or test runs) sharing one under different topic
     prefixes should put the prefix in ``group_id`` too, or their members rebalance each other.
 
-    ``handler`` gets each batch and returns the messages it could not process with their exception; any
-    message it does not return counts as done (written durably and forwarded). Failed messages are retried,
-    alone, up to ``settings.max_attempts`` times in all with exponential back-off; one still failing is
-    published to the dead-letter topic and passed to ``on_dead_letter`` (which records the failure, e.g. marks
-    the item failed in Postgres). Offsets are committed after that, so a message is committed only once it is
-    done or dead-lettered. A message that could not even be dead-lettered is not committed: its partition is
-    rewound to it and it comes back in the next poll.
+    ``handler`` gets each batch and returns the messages to dead-letter (with their error); every other message
+    counts as settled. Dead-lettered messages are published to the dead-letter topic with their origin and
+    passed to ``on_dead_letter`` (which records the failure where it can; it must not raise). Offsets are
+    committed after that. A handler that raises pauses the loop's partitions and is called again with the same
+    batch, with exponential back-off from ``settings.retry_backoff_s`` up to 30 s.
 
     ``run`` blocks until ``stop`` is called (from any thread or a signal handler), or until ``stop_after``
-    messages are done or dead-lettered. An exception that is not an ``Exception`` (KeyboardInterrupt,
-    SystemExit) escapes ``run`` after the consumer is closed without committing the batch in hand.
+    messages are settled. An exception that is not an ``Exception`` (KeyboardInterrupt, SystemExit) escapes
+    ``run`` after the consumer is closed without committing the batch in hand.
     """
 
     def __init__(
@@ -112,12 +108,13 @@ class StageLoop:
         self._lock = threading.Lock()
         self._handled = 0
         self._dead_lettered = 0
+        self._paused_since: float | None = None
         self._committed: dict[tuple[str, int], int] = {}
         self._lag: dict[tuple[str, int], int] = {}
 
     @property
     def handled(self) -> int:
-        """Messages done or dead-lettered (and committed, or about to be) since ``run`` started."""
+        """Messages settled (done, failed, parked or dead-lettered) and committed since ``run`` started."""
         with self._lock:
             return self._handled
 
@@ -126,11 +123,17 @@ class StageLoop:
         with self._lock:
             return self._dead_lettered
 
+    @property
+    def paused_for_s(self) -> float:
+        """How long the loop has been paused on a failing dependency (0 when it is not)."""
+        since = self._paused_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand; safe from any thread and from signal handlers.
 
         Only a flag is set (no lock is taken: a signal handler that waited on a lock its own interrupted thread
-        holds would hang); ``run`` notices within one poll timeout, or a tenth of a second while backing off.
+        holds would hang); ``run`` notices within one poll timeout, or a fifth of a second while paused.
         """
         self._stop_requested = True
 
@@ -148,7 +151,7 @@ class StageLoop:
             return dict(self._lag)
 
     def backoff_s(self, attempt: int) -> float:
-        """Wait before retry number ``attempt`` (from 1): doubling from ``settings.retry_backoff_s``."""
+        """Wait before retry number ``attempt`` (from 1): doubling from ``settings.retry_backoff_s``, capped."""
         return min(_MAX_BACKOFF_S, self.settings.retry_backoff_s * 2.0 ** (attempt - 1))
 
     def run(self) -> None:
@@ -158,25 +161,25 @@ class StageLoop:
             while not self._stop_requested and not self._limit_reached():
                 batch = self._poll(consumer)
                 if batch:
-                    outcome = self._process(batch)
-                    self._commit(consumer, outcome)
-                    with self._lock:
-                        self._handled += outcome.resolved
+                    self._settle(consumer, batch)
                 self._refresh_lag(consumer)
         finally:
-            # Never commit on close: the batch in hand, if any, is not known to be done.
+            # Never commit on close: the batch in hand, if any, is not known to be settled.
             consumer.close(autocommit=False)
             log.info("stage %s stopped after %d messages", self.group_id, self.handled)
 
     def _limit_reached(self) -> bool:
         return self.stop_after is not None and self.handled >= self.stop_after
 
-    def _poll(self, consumer: Consumer) -> list[InboundMessage]:
+    def _poll(self, consumer: Consumer, timeout_ms: int | None = None) -> list[InboundMessage]:
         max_records = self.settings.max_poll_records
         if self.stop_after is not None:
             max_records = min(max_records, self.stop_after - self.handled)
         try:
-            records = consumer.poll(timeout_ms=self.settings.poll_timeout_ms, max_records=max_records)
+            records = consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                max_records=max_records,
+            )
         except Exception as exc:
             self._report(exc, None, f"polling {self.input_topic} failed")
             self._sleep(self.settings.retry_backoff_s)
@@ -196,36 +199,71 @@ class StageLoop:
         ]
         return sorted(messages, key=lambda m: (m.topic, m.partition, m.offset))
 
-    def _process(self, batch: list[InboundMessage]) -> _BatchOutcome:
-        pending = batch
-        errors: dict[tuple[str, int, int], Exception] = {}
-        attempt = 1
-        while True:
-            failures = self._call_handler(pending)
-            errors = {}
-            for failure in failures:
-                errors[_position(failure.message)] = failure.error
-                self._report(
-                    failure.error,
-                    failure.message,
-                    f"attempt {attempt}/{self.settings.max_attempts} failed at {failure.message.where()}",
-                )
-            known = {_position(message) for message in pending}
-            if unknown := set(errors) - known:
-                log.warning("stage %s: handler reported failures for messages not in its batch: %s", self.group_id,
-                            sorted(unknown))  # fmt: skip
-            pending = [message for message in pending if _position(message) in errors]
-            if not pending or attempt >= self.settings.max_attempts:
+    def _settle(self, consumer: Consumer, batch: list[InboundMessage]) -> None:
+        """Handle ``batch`` until it is settled and committed, or no longer this member's to settle."""
+        partitions = {(m.topic, m.partition) for m in batch}
+        attempt = 0
+        paused: list[Any] = []
+        try:
+            while True:
+                try:
+                    for failure in self.handler(batch):
+                        self._dead_letter(failure.message, failure.error)
+                except Exception as exc:
+                    attempt += 1
+                    delay = self.backoff_s(attempt)
+                    self._report(
+                        exc, None, f"batch of {len(batch)} ({_span(batch)}) failed, attempt {attempt}; partitions "
+                        f"paused, the same batch is retried in {delay:.1f}s"
+                    )  # fmt: skip
+                    if not paused:
+                        paused = list(consumer.assignment())
+                        consumer.pause(*paused)
+                        self._paused_since = time.monotonic()
+                    if not self._wait_paused(consumer, delay, partitions):
+                        self._rewind(consumer, batch)
+                        return
+                    continue
                 break
-            if self._sleep(self.backoff_s(attempt)):
-                # Stopping: what still fails is neither dead-lettered nor committed; the next member retries it.
-                return self._outcome(batch, unresolved={_position(message) for message in pending})
-            attempt += 1
-        unresolved = set()
-        for message in pending:
-            if not self._dead_letter(message, errors[_position(message)], attempt):
-                unresolved.add(_position(message))
-        return self._outcome(batch, unresolved=unresolved)
+            self._commit(consumer, _next_offsets(batch))
+            with self._lock:
+                self._handled += len(batch)
+        finally:
+            if paused:
+                self._paused_since = None
+                still_ours = set(consumer.assignment())
+                consumer.resume(*(tp for tp in paused if tp in still_ours))
+
+    def _rewind(self, consumer: Consumer, batch: list[InboundMessage]) -> None:
+        """A batch given up: its partitions still assigned here are read again from its first message."""
+        assigned = {(str(tp.topic), int(tp.partition)) for tp in consumer.assignment()}
+        first: dict[tuple[str, int], int] = {}
+        for message in batch:
+            first.setdefault((message.topic, message.partition), message.offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) in assigned:
+                consumer.seek(topic_partition(topic, partition), offset)
+
+    def _wait_paused(self, consumer: Consumer, seconds: float, partitions: set[tuple[str, int]]) -> bool:
+        """Keep polling (group membership) while paused; False when stopping or the batch's partitions went."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._stop_requested:
+                return False
+            records = self._poll(consumer, timeout_ms=_PAUSED_POLL_MS)
+            if records:
+                # Partitions assigned by a rebalance while paused are not paused: read them again later.
+                first: dict[tuple[str, int], int] = {}
+                for message in records:
+                    first.setdefault((message.topic, message.partition), message.offset)
+                for (topic, partition), offset in first.items():
+                    consumer.seek(topic_partition(topic, partition), offset)
+                    consumer.pause(topic_partition(topic, partition))
+            assigned = {(str(tp.topic), int(tp.partition)) for tp in consumer.assignment()}
+            if not partitions <= assigned:
+                log.warning("stage %s: partitions of the held batch were reassigned; dropping it", self.group_id)
+                return False
+        return True
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True, early, once a stop is requested."""
@@ -237,14 +275,9 @@ class StageLoop:
             time.sleep(min(remaining, 0.1))
         return True
 
-    def _call_handler(self, messages: list[InboundMessage]) -> list[MessageFailure]:
-        try:
-            return self.handler(messages)
-        except Exception as exc:
-            # A handler that raises has not said which messages it finished: all of them are retried.
-            return [MessageFailure(message=message, error=exc) for message in messages]
-
-    def _dead_letter(self, message: InboundMessage, error: Exception, attempts: int) -> bool:
+    def _dead_letter(self, message: InboundMessage, error: Exception) -> None:
+        """Publish ``message`` to the dead-letter topic with its origin (a failed publish raises: the batch is
+        retried), then let ``on_dead_letter`` record it; that hook failing is reported, never retried."""
         reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_HEADER_CHARS]
         extra = {
             "error": reason,
@@ -252,62 +285,34 @@ class StageLoop:
             "source_partition": str(message.partition),
             "source_offset": str(message.offset),
             "stage": self.group_id,
-            "attempts": str(attempts),
         }
         headers = [(name, value) for name, value in message.headers if name not in extra]
         headers += [(name, value.encode()) for name, value in extra.items()]
-        try:
-            publish(
-                self.producer,
-                self.dead_letter_topic,
-                message.key,
-                message.value,
-                headers,
-                timeout_s=self.settings.publish_timeout_s,
-            )
-            self.on_dead_letter(message, reason)
-        except Exception as exc:
-            self._report(exc, message, f"dead-lettering {message.where()} failed; it will be redelivered")
-            return False
-        log.warning("stage %s dead-lettered %s after %d attempts: %s", self.group_id, message.where(), attempts, reason)
+        publish(
+            self.producer,
+            self.dead_letter_topic,
+            message.key,
+            message.value,
+            headers,
+            timeout_s=self.settings.publish_timeout_s,
+        )
+        log.warning("stage %s dead-lettered %s: %s", self.group_id, message.where(), reason)
         with self._lock:
             self._dead_lettered += 1
-        return True
-
-    def _outcome(self, batch: list[InboundMessage], unresolved: set[tuple[str, int, int]]) -> _BatchOutcome:
-        commit: dict[tuple[str, int], int] = {}
-        rewind: dict[tuple[str, int], int] = {}
-        for message in batch:
-            partition = (message.topic, message.partition)
-            if partition in rewind:
-                continue
-            if _position(message) in unresolved:
-                rewind[partition] = message.offset
-                if message.offset > self._committed.get(partition, -1):
-                    commit[partition] = message.offset
-            else:
-                commit[partition] = message.offset + 1
-        resolved = sum(
-            1 for m in batch if (m.topic, m.partition) not in rewind or m.offset < rewind[(m.topic, m.partition)]
-        )
-        return _BatchOutcome(commit=commit, rewind=rewind, resolved=resolved)
-
-    def _commit(self, consumer: Consumer, outcome: _BatchOutcome) -> None:
-        for (topic, partition), offset in outcome.rewind.items():
-            try:
-                consumer.seek(topic_partition(topic, partition), offset)
-            except Exception as exc:
-                self._report(exc, None, f"rewinding {topic}[{partition}] to {offset} failed")
-        if not outcome.commit:
-            return
         try:
-            commit_offsets(consumer, outcome.commit)
+            self.on_dead_letter(message, reason)
+        except Exception as exc:
+            self._report(exc, message, "recording a dead-lettered message failed (it is on the dead-letter topic)")
+
+    def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+        try:
+            commit_offsets(consumer, offsets)
         except Exception as exc:
             # Typically a rebalance: the partitions' new owner re-reads from the last commit (at-least-once).
-            self._report(exc, None, f"committing {_describe(outcome.commit)} failed")
+            self._report(exc, None, f"committing {_describe(offsets)} failed")
             return
         with self._lock:
-            self._committed.update(outcome.commit)
+            self._committed.update(offsets)
 
     def _refresh_lag(self, consumer: Consumer) -> None:
         lag: dict[tuple[str, int], int] = {}
@@ -346,8 +351,16 @@ class StageLoop:
             log.exception("stage %s: on_error callback failed", self.group_id)
 
 
-def _position(message: InboundMessage) -> tuple[str, int, int]:
-    return (message.topic, message.partition, message.offset)
+def _next_offsets(batch: list[InboundMessage]) -> dict[tuple[str, int], int]:
+    offsets: dict[tuple[str, int], int] = {}
+    for message in batch:
+        key = (message.topic, message.partition)
+        offsets[key] = max(offsets.get(key, 0), message.offset + 1)
+    return offsets
+
+
+def _span(batch: list[InboundMessage]) -> str:
+    return _describe({(m.topic, m.partition): m.offset for m in batch})
 
 
 def _describe(offsets: dict[tuple[str, int], int]) -> str:

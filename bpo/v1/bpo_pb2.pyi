@@ -370,7 +370,9 @@ class OptimizeRequest(_message.Message):
     prompt: _builtins.str
     context: _builtins.str
     model: _builtins.str
-    """Catalogue name or alias of the optimizer model; empty means the deployment's default."""
+    """The optimizer: the name of an optimizer endpoint the operator declared (or a model its workers serve);
+    empty means the deployment's default.
+    """
     @_builtins.property
     def params(self) -> Global___OptimizeParams: ...
     def __init__(
@@ -478,40 +480,26 @@ class ModelEndpoint(_message.Message):
     Generator and judge services
     ---------------------------------------------------------------------------------------------------------
 
-    Where a target or judge model runs: an engine name and a model, or an OpenAI-compatible endpoint.
+    The target or judge of a job or call: an endpoint the operator declared, by name. Everything that reaches an
+    engine (its kind, URL, served model, key, limits) is the operator's declaration; a caller names, nothing more.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ENGINE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
-    BASE_URL_FIELD_NUMBER: _builtins.int
-    API_KEY_ENV_FIELD_NUMBER: _builtins.int
-    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
-    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
-    engine: _builtins.str
     model: _builtins.str
-    base_url: _builtins.str
-    api_key_env: _builtins.str
-    """Name of an environment variable on the service that holds the API key (keys never travel in jobs)."""
-    max_concurrency: _builtins.int
-    requests_per_second: _builtins.float
+    """The declared endpoint's name; empty means the deployment's default for the role."""
     max_new_tokens: _builtins.int
     def __init__(
         self,
         *,
-        engine: _builtins.str = ...,
         model: _builtins.str = ...,
-        base_url: _builtins.str = ...,
-        api_key_env: _builtins.str = ...,
-        max_concurrency: _builtins.int = ...,
-        requests_per_second: _builtins.float = ...,
         max_new_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_env", b"api_key_env", "base_url", b"base_url", "engine", b"engine", "max_concurrency", b"max_concurrency", "max_new_tokens", b"max_new_tokens", "model", b"model", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_new_tokens", b"max_new_tokens", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,10 +711,13 @@ class Job(_message.Message):
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     FINISHED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     created_at_unix_ms: _builtins.int
     finished_at_unix_ms: _builtins.int
+    team: _builtins.str
+    """The team that submitted it (jobs are visible to their team and to admins)."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -740,10 +731,11 @@ class Job(_message.Message):
         created_at_unix_ms: _builtins.int = ...,
         finished_at_unix_ms: _builtins.int = ...,
         progress: Global___JobProgress | None = ...,
+        team: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "finished_at_unix_ms", b"finished_at_unix_ms", "job_id", b"job_id", "progress", b"progress", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "finished_at_unix_ms", b"finished_at_unix_ms", "job_id", b"job_id", "progress", b"progress", "spec", b"spec", "state", b"state", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1024,19 +1016,23 @@ class TokenUsage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     TOKENS_IN_FIELD_NUMBER: _builtins.int
     TOKENS_OUT_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     tokens_in: _builtins.int
     tokens_out: _builtins.int
+    cost_usd: _builtins.float
+    """At the prices the operator declared for the role's endpoint (0 when none are declared)."""
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         tokens_in: _builtins.int = ...,
         tokens_out: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "role", b"role", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1065,6 +1061,8 @@ class JobReport(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     POSITION_CONSISTENCY_FIELD_NUMBER: _builtins.int
     IDENTICAL_ANSWERS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    FAILURE_REASONS_FIELD_NUMBER: _builtins.int
     items: _builtins.int
     rewritten: _builtins.int
     kept_original: _builtins.int
@@ -1078,9 +1076,12 @@ class JobReport(_message.Message):
     lose_rate: _builtins.float
     delta_wr: _builtins.float
     failed: _builtins.int
+    """Failed items and rejected corpus lines together."""
     position_consistency: _builtins.float
     identical_answers: _builtins.int
     """Judged items whose two answers were identical: ties without a judge call, outside position_consistency."""
+    rejected: _builtins.int
+    """Corpus lines rejected at submission (counted in failed, not in items)."""
     @_builtins.property
     def job(self) -> Global___Job: ...
     @_builtins.property
@@ -1088,7 +1089,13 @@ class JobReport(_message.Message):
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenUsage]: ...
     @_builtins.property
-    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemFailure]: ...
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemFailure]:
+        """The first failures in corpus order (at most 1000); failure_reasons summarises every one of them."""
+
+    @_builtins.property
+    def failure_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailureReason]:
+        """Every distinct failure (stage and reason) with how often it happened, most frequent first (at most 100)."""
+
     def __init__(
         self,
         *,
@@ -1111,14 +1118,48 @@ class JobReport(_message.Message):
         failed: _builtins.int = ...,
         position_consistency: _builtins.float = ...,
         identical_answers: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        failure_reasons: _abc.Iterable[Global___FailureReason] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "categories", b"categories", "delta_wr", b"delta_wr", "failed", b"failed", "failures", b"failures", "identical_answers", b"identical_answers", "items", b"items", "job", b"job", "judged", b"judged", "kept_original", b"kept_original", "lose_rate", b"lose_rate", "losses", b"losses", "position_consistency", b"position_consistency", "rewritten", b"rewritten", "tie_rate", b"tie_rate", "ties", b"ties", "tokens", b"tokens", "win_rate", b"win_rate", "wins", b"wins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "categories", b"categories", "delta_wr", b"delta_wr", "failed", b"failed", "failure_reasons", b"failure_reasons", "failures", b"failures", "identical_answers", b"identical_answers", "items", b"items", "job", b"job", "judged", b"judged", "kept_original", b"kept_original", "lose_rate", b"lose_rate", "losses", b"losses", "position_consistency", b"position_consistency", "rejected", b"rejected", "rewritten", b"rewritten", "tie_rate", b"tie_rate", "ties", b"ties", "tokens", b"tokens", "win_rate", b"win_rate", "wins", b"wins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobReport: _TypeAlias = JobReport  # noqa: Y015
+
+@_typing.final
+class FailureReason(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SAMPLE_LINES_FIELD_NUMBER: _builtins.int
+    stage: Global___Stage.ValueType
+    """STAGE_UNSPECIFIED for a corpus line rejected at submission."""
+    reason: _builtins.str
+    count: _builtins.int
+    @_builtins.property
+    def sample_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The corpus lines of its first occurrences (at most 5)."""
+
+    def __init__(
+        self,
+        *,
+        stage: Global___Stage.ValueType = ...,
+        reason: _builtins.str = ...,
+        count: _builtins.int = ...,
+        sample_lines: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "reason", b"reason", "sample_lines", b"sample_lines", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 @_typing.final
 class GetJobReportRequest(_message.Message):

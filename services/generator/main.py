@@ -19,7 +19,7 @@ SERVICE = bpo_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 async def build(runtime: Runtime) -> ServiceParts:
     settings = runtime.settings
     engines = runtime.engine_registry()
-    servicer = GeneratorServicer(engines, settings.platform)
+    servicer = GeneratorServicer(engines, settings.platform, runtime.quotas)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_GeneratorServiceServicer_to_server(servicer, server)
@@ -28,5 +28,4 @@ async def build(runtime: Runtime) -> ServiceParts:
 
 
 def main(settings: BpoSettings) -> None:
-    port = settings.platform.generator_port
-    asyncio.run(run_service("generator", settings, port, settings.platform.metrics_port_base + 2, build))
+    asyncio.run(run_service("generator", settings, build))

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from google.protobuf.message import Message
 
-from bpo.engines.registry import EndpointKey, EngineRegistry
+from bpo.engines.registry import EngineRegistry
 from bpo.generation.answers import AnswerGenerator, AnswerInput, AnswerPairResult
 from bpo.messages import from_json, to_json
-from bpo.pipeline.stage import Stage, StageContext, Work
+from bpo.pipeline.jobspec import ResolvedJob
+from bpo.pipeline.stage import Done, Outcome, Stage, StageContext, Work, outcome_of
+from bpo.store.repository import StageWrite
 from bpo.v1 import bpo_pb2 as pb
 
 
@@ -29,6 +30,7 @@ def answer_pair(rewrite: pb.Rewrite, result: AnswerPairResult, target_model: str
 class GenerateStage(Stage[pb.Rewrite]):
     name = "generate"
     message_type = pb.Rewrite
+    role = "target"
 
     def __init__(self, ctx: StageContext, engines: EngineRegistry) -> None:
         super().__init__(ctx)
@@ -43,33 +45,27 @@ class GenerateStage(Stage[pb.Rewrite]):
             return None
         return from_json(stored, pb.AnswerPair)
 
-    async def process(self, work: Sequence[Work[pb.Rewrite]]) -> list[tuple[Work[pb.Rewrite], Exception]]:
-        groups: dict[tuple[EndpointKey, int], list[Work[pb.Rewrite]]] = {}
-        for w in work:
-            groups.setdefault((w.job.target, w.job.target_max_new_tokens), []).append(w)
-        for (target, max_new_tokens), members in groups.items():
-            engine = await self._engines.get(target)
-            generator = AnswerGenerator(engine, max_new_tokens=max_new_tokens)
-            inputs = [
-                AnswerInput(w.payload.item.prompt, w.payload.optimized, w.payload.item.context or None) for w in members
-            ]
-            results = await generator.answer_pairs(inputs)
-            for w, result in zip(members, results, strict=True):
-                pair = answer_pair(w.payload, result, engine.identity.name)
-                self.ctx.metrics.tokens.labels("target", "in").inc(pair.tokens_in)
-                self.ctx.metrics.tokens.labels("target", "out").inc(pair.tokens_out)
-                await asyncio.to_thread(self._store_and_forward, w, pair)
-        return []
+    def endpoint_of(self, job: ResolvedJob) -> str:
+        return job.target
 
-    def _store_and_forward(self, w: Work[pb.Rewrite], pair: pb.AnswerPair) -> None:
-        self.write_once_and_forward(
-            w,
-            pair,
-            lambda: self.ctx.store.record_answers(
-                w.item_id,
-                to_json(pair),
-                tokens_in=pair.tokens_in,
-                tokens_out=pair.tokens_out,
-                final=w.job.is_last(self.name),
-            ),
-        )
+    def group_key(self, work: Work[pb.Rewrite]) -> Hashable:
+        return (work.job.target, work.job.target_max_new_tokens)
+
+    async def run_group(self, members: Sequence[Work[pb.Rewrite]]) -> list[Outcome]:
+        job = members[0].job
+        engine = await self._engines.get(job.target)
+        generator = AnswerGenerator(engine, max_new_tokens=job.target_max_new_tokens)
+        inputs = [
+            AnswerInput(w.payload.item.prompt, w.payload.optimized, w.payload.item.context or None) for w in members
+        ]
+        outcomes: list[Outcome] = []
+        for w, result in zip(members, await generator.answer_each(inputs), strict=True):
+            if isinstance(result, Exception):
+                outcomes.append(outcome_of(result))
+                continue
+            pair = answer_pair(w.payload, result, engine.identity.name)
+            self.ctx.metrics.tokens.labels("target", "in").inc(pair.tokens_in)
+            self.ctx.metrics.tokens.labels("target", "out").inc(pair.tokens_out)
+            write = StageWrite(w.item_id, to_json(pair), pair.tokens_in, pair.tokens_out, w.job.is_last(self.name))
+            outcomes.append(Done(pair, write))
+        return outcomes

@@ -19,7 +19,7 @@ SERVICE = bpo_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
 async def build(runtime: Runtime) -> ServiceParts:
     settings = runtime.settings
     engines = runtime.engine_registry()
-    servicer = JudgeServicer(engines, settings.platform)
+    servicer = JudgeServicer(engines, settings.platform, runtime.quotas)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_JudgeServiceServicer_to_server(servicer, server)
@@ -28,5 +28,4 @@ async def build(runtime: Runtime) -> ServiceParts:
 
 
 def main(settings: BpoSettings) -> None:
-    port = settings.platform.judge_port
-    asyncio.run(run_service("judge", settings, port, settings.platform.metrics_port_base + 3, build))
+    asyncio.run(run_service("judge", settings, build))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from google.protobuf.message import Message
 
-from bpo.engines.registry import EndpointKey, EngineRegistry
+from bpo.engines.registry import EngineRegistry
 from bpo.judging.pairwise import JudgeInput, JudgeTemplate, PairVerdict, PairwiseJudge
 from bpo.messages import WINNER_NAMES, WINNER_VALUES, from_json, to_json
-from bpo.pipeline.stage import Stage, StageContext, Work
+from bpo.metrics import WINNERS
+from bpo.pipeline.jobspec import ResolvedJob
+from bpo.pipeline.stage import Done, Outcome, Stage, StageContext, Work, outcome_of
+from bpo.store.repository import StageWrite
 from bpo.v1 import bpo_pb2 as pb
 
 
@@ -47,10 +49,14 @@ def verdict_message(
 class JudgeStage(Stage[pb.AnswerPair]):
     name = "judge"
     message_type = pb.AnswerPair
+    role = "judge"
 
     def __init__(self, ctx: StageContext, engines: EngineRegistry) -> None:
         super().__init__(ctx)
         self._engines = engines
+        for winner in WINNERS:
+            for consistent in ("true", "false"):
+                ctx.metrics.judged_items.labels(winner, consistent)
 
     def item_of(self, payload: pb.AnswerPair) -> pb.PromptItem:
         return payload.rewrite.item
@@ -61,31 +67,38 @@ class JudgeStage(Stage[pb.AnswerPair]):
             return None
         return from_json(stored, pb.Verdict)
 
-    async def process(self, work: Sequence[Work[pb.AnswerPair]]) -> list[tuple[Work[pb.AnswerPair], Exception]]:
-        groups: dict[tuple[EndpointKey, int, JudgeTemplate], list[Work[pb.AnswerPair]]] = {}
-        for w in work:
-            groups.setdefault((w.job.judge, w.job.judge_max_new_tokens, w.job.judge_template), []).append(w)
-        for (judge_key, max_new_tokens, template), members in groups.items():
-            engine = await self._engines.get(judge_key)
-            judge = PairwiseJudge(engine, template, max_new_tokens=max_new_tokens)
-            inputs = [
-                JudgeInput(question_of(w.payload.rewrite.item), w.payload.original_answer, w.payload.optimized_answer)
-                for w in members
-            ]
-            verdicts = await judge.judge_batch(inputs)
-            for w, verdict in zip(members, verdicts, strict=True):
-                message = verdict_message(w.payload, verdict, engine.identity.name, template)
-                self.ctx.metrics.tokens.labels("judge", "in").inc(message.tokens_in)
-                self.ctx.metrics.tokens.labels("judge", "out").inc(message.tokens_out)
-                await asyncio.to_thread(self._store_and_forward, w, message)
-        return []
+    def endpoint_of(self, job: ResolvedJob) -> str:
+        return job.judge
 
-    def _store_and_forward(self, w: Work[pb.AnswerPair], verdict: pb.Verdict) -> None:
-        winner = WINNER_NAMES.get(verdict.winner, "tie")
-        self.write_once_and_forward(
-            w,
-            verdict,
-            lambda: self.ctx.store.record_verdict(
-                w.item_id, to_json(verdict), winner=winner, tokens_in=verdict.tokens_in, tokens_out=verdict.tokens_out
-            ),
-        )
+    def on_written(self, written: Sequence[tuple[Work[pb.AnswerPair], Done]]) -> None:
+        for _, done in written:
+            verdict = done.output
+            assert isinstance(verdict, pb.Verdict)
+            winner = WINNER_NAMES.get(verdict.winner, "tie")
+            self.ctx.metrics.judged_items.labels(winner, str(verdict.position_consistent).lower()).inc()
+
+    def group_key(self, work: Work[pb.AnswerPair]) -> Hashable:
+        return (work.job.judge, work.job.judge_max_new_tokens, work.job.judge_template)
+
+    async def run_group(self, members: Sequence[Work[pb.AnswerPair]]) -> list[Outcome]:
+        job = members[0].job
+        engine = await self._engines.get(job.judge)
+        judge = PairwiseJudge(engine, job.judge_template, max_new_tokens=job.judge_max_new_tokens)
+        inputs = [
+            JudgeInput(question_of(w.payload.rewrite.item), w.payload.original_answer, w.payload.optimized_answer)
+            for w in members
+        ]
+        outcomes: list[Outcome] = []
+        for w, verdict in zip(members, await judge.judge_each(inputs), strict=True):
+            if isinstance(verdict, Exception):
+                outcomes.append(outcome_of(verdict))
+                continue
+            message = verdict_message(w.payload, verdict, engine.identity.name, job.judge_template)
+            self.ctx.metrics.tokens.labels("judge", "in").inc(message.tokens_in)
+            self.ctx.metrics.tokens.labels("judge", "out").inc(message.tokens_out)
+            winner = WINNER_NAMES.get(message.winner, "tie")
+            write = StageWrite(
+                w.item_id, to_json(message), message.tokens_in, message.tokens_out, True, {"winner": winner}
+            )
+            outcomes.append(Done(message, write))
+        return outcomes

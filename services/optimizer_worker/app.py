@@ -35,6 +35,7 @@ from celery.signals import worker_process_init, worker_process_shutdown  # type:
 
 from bpo.engines.base import EngineClient
 from bpo.engines.factory import build_engine, resolve_spec
+from bpo.engines.observer import EndpointObserver
 from bpo.errors import EngineUnavailableError, InvalidConfigurationError, ModelNotFoundError
 from bpo.models.catalogue import ModelCatalogue, ModelSpec, PromptStyle, SourceKind
 from bpo.models.prepare import ModelPreparer
@@ -156,10 +157,16 @@ class CatalogueEngineLoader:
         settings: WorkerSettings,
         catalogue: ModelCatalogue | None = None,
         preparer: ModelPreparer | None = None,
+        observe: Callable[[str], EndpointObserver] | None = None,
     ) -> None:
         self._settings = settings
         self._catalogue = catalogue or ModelCatalogue()
         self._preparer = preparer or ModelPreparer(settings.platform.models_dir)
+        # The observer of a remote endpoint's requests, by the served model's name (metrics).
+        self._observe = observe
+
+    def _observer(self, model: str) -> EndpointObserver | None:
+        return self._observe(model) if self._observe is not None else None
 
     def prepare(self, model: str) -> None:
         engine_settings = self._settings.engine_settings_for(model)
@@ -172,7 +179,8 @@ class CatalogueEngineLoader:
     def load(self, model: str) -> LoadedModel:
         engine_settings = self._settings.engine_settings_for(model)
         spec = resolve_spec(engine_settings, self._catalogue)
-        return LoadedModel(build_engine(engine_settings, spec, self._preparer), spec.prompt_style)
+        engine = build_engine(engine_settings, spec, self._preparer, self._observer(model))
+        return LoadedModel(engine, spec.prompt_style)
 
     def load_version(self, version: RegisteredVersion) -> LoadedModel:
         """A training run's own files: its GGUF for llamacpp, its merged Hugging Face folder for the others."""
@@ -194,7 +202,7 @@ class CatalogueEngineLoader:
             licence="as its base model's",
             local_path=path,
         )
-        engine = build_engine(engine_settings, spec, self._preparer)
+        engine = build_engine(engine_settings, spec, self._preparer, self._observer(version.name))
         if engine.identity.version != version.version:
             raise ModelNotFoundError(
                 f"{path} holds version {engine.identity.version}, but the registry says {version.version}"
@@ -289,6 +297,7 @@ class EngineHolder:
                 log.exception("closing the engine of %s failed", model)
             if self._metrics is not None:
                 self._metrics.engine_replicas.labels(model).dec()
+                self._metrics.model_version.labels(model, item.engine.identity.version).dec()
         if self._loop is not None:
             self._loop.close()
             self._loop = None
@@ -340,8 +349,11 @@ class EngineHolder:
         )  # fmt: skip
         if self._metrics is not None:
             self._metrics.engine_load_seconds.labels(model).observe(elapsed)
+            self._metrics.model_version.labels(model, loaded.engine.identity.version).inc()
             if previous is None:
                 self._metrics.engine_replicas.labels(model).inc()
+            else:
+                self._metrics.model_version.labels(model, previous.engine.identity.version).dec()
         if previous is not None:
             try:
                 self.run(previous.engine.aclose())
@@ -369,7 +381,35 @@ class EngineHolder:
             if self._metrics is not None:
                 self._metrics.engine_load_seconds.labels(model).observe(elapsed)
                 self._metrics.engine_replicas.labels(model).inc()
+                self._metrics.model_version.labels(model, loaded.engine.identity.version).inc()
             return loaded
+
+
+class RedactTaskPayloads(logging.Filter):
+    """Celery logs each task's arguments and return value with its success line: here those are users' prompts
+    and their rewrites, which do not belong in logs. The line stays, without them."""
+
+    REDACTED = "<redacted>"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict):
+            record.args = {
+                key: (self.REDACTED if key in ("return_value", "args", "kwargs") else value)
+                for key, value in record.args.items()
+            }
+        data = getattr(record, "data", None)
+        if isinstance(data, dict):
+            record.data = {
+                k: (self.REDACTED if k in ("return_value", "args", "kwargs") else v) for k, v in data.items()
+            }
+        return True
+
+
+def redact_task_logs() -> None:
+    """Install the redaction on Celery's task-trace logger (idempotent)."""
+    trace_logger = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, RedactTaskPayloads) for f in trace_logger.filters):
+        trace_logger.addFilter(RedactTaskPayloads())
 
 
 def make_celery_app(
@@ -424,7 +464,11 @@ def make_celery_app(
         result_backend_max_retries=10,
         result_expires=settings.result_expires_s,
         task_routes=(route_task,),
+        # On shutdown (SIGTERM is remapped to the cold shutdown by the supervisor and the manifests), a running
+        # batch gets this long to finish; then it is put back on its queue for the next worker (late acks).
+        worker_soft_shutdown_timeout=settings.soft_shutdown_s,
     )
+    redact_task_logs()
     register_tasks(app, engines, metrics, settings)
     register_generation_tasks(app, engines, metrics, settings)
 

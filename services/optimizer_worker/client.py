@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
@@ -16,6 +18,7 @@ from services.optimizer_worker.task_client import CeleryTaskClient
 from services.optimizer_worker.tasks import OPTIMIZE_BATCH_TASK
 
 _RESULT_FIELDS = frozenset(f.name for f in fields(RewriteResult))
+_TASK_NAMESPACE = uuid.UUID("5f7c1a52-0b6e-4d1e-9a51-6b1d2c0e7f33")
 
 
 class OptimizerWorkersClient(CeleryTaskClient):
@@ -35,8 +38,9 @@ class OptimizerWorkersClient(CeleryTaskClient):
     ) -> list[RewriteResult | RewriteFailure]:
         """One task on ``model``'s queue; results keep the input order.
 
-        A caller that passes a deterministic ``task_id`` (say, derived from its job and batch) gets the stored
-        result of an earlier send with that id instead of new work, e.g. after its own restart.
+        The task id is derived from the batch itself (model, parameters, prompts) unless given: a batch sent
+        again (a stage redelivered after a crash or a rebalance) gets the stored result of the earlier send, or
+        waits on it while a worker still runs it, instead of making the workers do it twice.
         """
         if not inputs:
             return []
@@ -45,19 +49,28 @@ class OptimizerWorkersClient(CeleryTaskClient):
             "params": params.as_dict(),
             "items": [{"prompt": item.prompt, "context": item.context} for item in inputs],
         }
-        if task_id is not None:
-            stored = await self._call(self._stored_success, task_id)
-            if stored is not None:
-                return decode_entries(stored, inputs)
+        task_id = task_id or batch_task_id(kwargs)
+        state, stored = await self._call(self._stored_state, task_id)
+        if state == "SUCCESS":
+            return decode_entries(stored, inputs)
+        if state in ("STARTED", "RETRY"):
+            value = await self._wait(self._app.AsyncResult(task_id), self._deadline(), model, queue_for_model(model))
+            return decode_entries(value, inputs)
         value = await self._send_and_wait(kwargs, model, queue_for_model(model), task_id)
         return decode_entries(value, inputs)
 
-    def _stored_success(self, task_id: str) -> Any:
+    def _stored_state(self, task_id: str) -> tuple[str, Any]:
         try:
             meta = self._app.backend.get_task_meta(task_id)
         except OperationalError as exc:
             raise EngineUnavailableError(f"the optimizer result backend is unreachable: {exc}") from exc
-        return meta.get("result") if meta.get("status") == "SUCCESS" else None
+        return str(meta.get("status")), meta.get("result")
+
+
+def batch_task_id(kwargs: dict[str, Any]) -> str:
+    """The same batch of work always gets the same task id."""
+    canonical = json.dumps(kwargs, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return str(uuid.uuid5(_TASK_NAMESPACE, canonical))
 
 
 def decode_entries(value: Any, inputs: Sequence[PromptInput]) -> list[RewriteResult | RewriteFailure]:

@@ -51,6 +51,8 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        from bpo.metrics import EndpointMetrics
+
         self.tasks = Counter(
             "bpo_worker_tasks",
             "Optimizer batch tasks finished, by outcome (success, retry, failure, duplicate)",
@@ -91,6 +93,24 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.model_version = Gauge(
+            "bpo_worker_model_version",
+            "Engine replicas serving each version of a model, over the worker's live processes",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.rewrites = Counter(
+            "bpo_worker_rewrites",
+            "Prompts optimized: rewritten or kept_original, with the fallback reason a rewrite was refused for",
+            ["model", "outcome", "fallback_reason"],
+            registry=registry,
+        )
+        # Set once by the worker's parent process: a change means the worker restarted in place.
+        self.start_time = Gauge(
+            "bpo_worker_start_time_seconds", "Unix time the worker started", registry=registry, multiprocess_mode="max"
+        )
+        self.endpoints = EndpointMetrics(registry)
 
 
 def multiprocess_exposition_registry() -> CollectorRegistry:

@@ -19,6 +19,7 @@
                                         in the model registry (needs BPO_PLATFORM__DATABASE_URL)
     BPO_WORKER_SCHEMA_WAIT_S            how long a starting worker waits for the database migrations before
                                         giving up with an error (it reads the registry, never migrates)
+    BPO_WORKER_SOFT_SHUTDOWN_S          on shutdown, how long a running batch may finish before it is requeued
 
 The engine each process loads (engine name, threads, context length, state directory) comes from the platform's
 own ``BpoSettings`` (``BPO_ENGINE__*``, ``BPO_STATE_DIR``); only the model name is taken from ``models``.
@@ -65,6 +66,8 @@ class WorkerSettings(BaseSettings):
     # One indexed lookup per served alias and process at most this often, made before a batch starts.
     alias_check_interval_s: float = Field(default=5.0, gt=0)
     schema_wait_s: float = Field(default=120.0, ge=0)
+    # Shorter than what the supervisor (40 s) and Kubernetes (terminationGracePeriodSeconds) wait before killing.
+    soft_shutdown_s: float = Field(default=25.0, ge=0)
     platform: BpoSettings = Field(default_factory=BpoSettings)
 
     @field_validator("models", mode="before")
@@ -123,9 +126,18 @@ class WorkerSettings(BaseSettings):
         return self.result_backend or self.broker_url
 
     def engine_settings_for(self, model: str) -> EngineSettings:
-        """The platform's engine settings with this model, and the cores shared among the worker's processes."""
-        engine = self.platform.engine
-        update: dict[str, Any] = {"model": model}
+        """The engine that serves ``model``: a declared optimizer endpoint's own (bpo/endpoints.py), else the
+        platform's engine settings with this model (a registered optimizer, an alias); with the cores shared
+        among the worker's processes."""
+        from bpo.endpoints import Endpoints
+
+        endpoints = Endpoints.from_settings(self.platform)
+        if model in endpoints.names() and "optimizer" in endpoints.get(model).roles:
+            engine = endpoints.engine_settings(endpoints.get(model))
+            update: dict[str, Any] = {}
+        else:
+            engine = self.platform.engine
+            update = {"model": model}
         if engine.threads == 0:
             # Every process holds its own replica; all of them taking every core would oversubscribe the CPU.
             update["threads"] = max(1, engine.resolved_threads() // self.concurrency)

@@ -21,6 +21,7 @@ from celery.utils.time import get_exponential_backoff_interval  # type: ignore[i
 from pydantic import ValidationError
 
 from bpo.errors import BpoError, EngineOverloadedError, EngineUnavailableError, InvalidPromptError
+from bpo.optimizer.guards import FallbackReason
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, PromptOptimizer, RewriteFailure, RewriteResult
 from bpo.settings import OptimizerSettings
 
@@ -36,6 +37,9 @@ OPTIMIZE_BATCH_TASK = "bpo.optimize_batch"
 TRANSIENT_STATUS_CODES = frozenset({EngineUnavailableError.status_code, EngineOverloadedError.status_code})
 
 UNSERVED_LABEL = "unserved"
+# The fallback reason of a result that has none.
+NO_FALLBACK = "none"
+_FALLBACK_REASONS = frozenset(reason.value for reason in FallbackReason)
 
 _PARAM_FIELDS = frozenset(f.name for f in fields(OptimizeParams))
 _ITEM_FIELDS = frozenset(f.name for f in fields(PromptInput))
@@ -164,6 +168,21 @@ def task_options(name: str, settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
+def rewrite_outcome(result: Mapping[str, Any]) -> tuple[str, str]:
+    """(outcome, fallback reason) of one result: rewritten or kept_original, and the reason a rewrite was refused
+    (``none`` when none was, e.g. the model gave the prompt back unchanged)."""
+    reason = result.get("fallback_reason")
+    outcome = "rewritten" if result["optimized"] != result["original"] else "kept_original"
+    return outcome, reason if isinstance(reason, str) and reason in _FALLBACK_REASONS else NO_FALLBACK
+
+
+def declare_rewrite_outcomes(metrics: WorkerMetrics, model: str) -> None:
+    """Every outcome's series at zero, so that the first fallback of a kind shows in rates."""
+    for outcome in ("rewritten", "kept_original"):
+        for reason in (*FallbackReason, NO_FALLBACK):
+            metrics.rewrites.labels(model, outcome, reason)
+
+
 def _record(metrics: WorkerMetrics, model: str, run: BatchRun, elapsed_s: float, batch_size: int) -> None:
     metrics.batch_size.labels(model).observe(batch_size)
     metrics.task_seconds.labels(model).observe(elapsed_s)
@@ -172,6 +191,7 @@ def _record(metrics: WorkerMetrics, model: str, run: BatchRun, elapsed_s: float,
             metrics.items.labels(model, "OK").inc()
             metrics.tokens.labels(model, "in").inc(entry["result"]["tokens_in"])
             metrics.tokens.labels(model, "out").inc(entry["result"]["tokens_out"])
+            metrics.rewrites.labels(model, *rewrite_outcome(entry["result"])).inc()
         else:
             metrics.items.labels(model, entry["status_code"]).inc()
 
@@ -189,6 +209,8 @@ def stored_success(task: Any, task_id: str) -> Any:
 
 def register_tasks(app: Any, engines: EngineHolder, metrics: WorkerMetrics, settings: WorkerSettings) -> Any:
     """Register ``bpo.optimize_batch`` on ``app``, bound to this app's engine holder; returns the task."""
+    for model in engines.models:
+        declare_rewrite_outcomes(metrics, model)
 
     def optimize_batch(task: Any, model: str, params: dict[str, Any], items: list[dict[str, Any]]) -> Any:
         request = task.request

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import redis
+from celery.signals import worker_ready, worker_shutdown  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from bpo.errors import BpoError
@@ -33,6 +35,7 @@ from services.optimizer_worker.metrics import (
     remove_multiprocess_dir,
     serve_multiprocess_metrics,
 )
+from services.optimizer_worker.presence import PresenceBeacon
 from services.optimizer_worker.settings import WorkerSettings
 
 
@@ -69,7 +72,8 @@ def run_worker(settings: WorkerSettings, node_name: str, extra_argv: Sequence[st
                 print(f"cannot start: {exc}", file=sys.stderr)
                 return 1
         metrics = WorkerMetrics()
-        loader = CatalogueEngineLoader(settings)
+        metrics.start_time.set_to_current_time()
+        loader = CatalogueEngineLoader(settings, observe=metrics.endpoints.observer)
         engines = EngineHolder(settings.models, loader, metrics, alias_watch_for(settings, loader))
         try:
             # Once, in the parent: processes starting together would otherwise each assemble or convert the same
@@ -81,6 +85,10 @@ def run_worker(settings: WorkerSettings, node_name: str, extra_argv: Sequence[st
         app = make_celery_app(settings, engines, metrics)
         if settings.metrics_port:
             serve_multiprocess_metrics(settings.metrics_host, settings.metrics_port)
+        beacon = PresenceBeacon(redis.Redis.from_url(settings.broker_url), node_name, settings.models)
+        # Announced once the worker consumes its queues; withdrawn when it stops (or expired if it dies).
+        worker_ready.connect(lambda **_: beacon.start(), weak=False)
+        worker_shutdown.connect(lambda **_: beacon.stop(), weak=False)
         code = app.start(worker_argv(settings, node_name, extra_argv))
         return int(code or 0)
     finally:

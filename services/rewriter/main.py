@@ -10,6 +10,8 @@ import redis
 
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
+from bpo.pipeline.admission import Admission
+from bpo.pipeline.optimizer_models import OptimizerModels
 from bpo.pipeline.rewriting import CachedRewriter, ModelVersions
 from bpo.pipeline.runtime import Runtime, ServiceParts, run_service
 from bpo.settings import BpoSettings
@@ -17,6 +19,7 @@ from bpo.v1 import bpo_pb2
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 from services.optimizer_worker.app import make_celery_app, queue_for_model
 from services.optimizer_worker.client import OptimizerWorkersClient
+from services.optimizer_worker.presence import ServedModels
 from services.optimizer_worker.settings import WorkerSettings
 from services.rewriter.servicer import OptimizerServicer
 from services.rewriter.stage import RewriteStage
@@ -28,16 +31,22 @@ async def build(runtime: Runtime) -> ServiceParts:
     settings = runtime.settings
     worker_settings = WorkerSettings.for_platform(settings)
     client = OptimizerWorkersClient(make_celery_app(worker_settings), timeout_s=settings.platform.worker_timeout_s)
+    catalogue = ModelCatalogue()
     versions = ModelVersions(
-        ModelCatalogue(),
+        catalogue,
         ModelPreparer(settings.models_dir, install_missing=None),
         runtime.store,
         worker_settings.engine_settings_for,
     )
     rewriter = CachedRewriter(runtime.store, client, versions, runtime.metrics)
+    broker = redis.Redis.from_url(worker_settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
+    runtime.closers.append(lambda: asyncio.to_thread(broker.close))
+    served = ServedModels(broker)
+    models = OptimizerModels(worker_settings.models, served, catalogue)
     servicer = OptimizerServicer(
         rewriter,
-        settings.platform.optimizer_model,
+        Admission(settings.platform, models, runtime.endpoints),
+        runtime.quotas,
         settings.optimizer.params(),
         batch_size=settings.optimizer.batch_size,
     )
@@ -45,16 +54,21 @@ async def build(runtime: Runtime) -> ServiceParts:
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_OptimizerServiceServicer_to_server(servicer, server)
 
-    queue = queue_for_model(settings.platform.optimizer_model)
-    broker = redis.Redis.from_url(worker_settings.broker_url)
-    runtime.closers.append(lambda: asyncio.to_thread(broker.close))
-
     def queue_depth() -> None:
-        runtime.metrics.celery_queue_depth.labels(queue).set(int(broker.llen(queue)))
+        live = served.live()
+        for model in {*worker_settings.models, *live}:
+            queue = queue_for_model(model)
+            runtime.metrics.celery_queue_depth.labels(queue).set(int(broker.llen(queue)))
+            runtime.metrics.optimizer_workers.labels(queue).set(live.get(model, 0))
 
-    return ServiceParts(register, [SERVICE], RewriteStage(runtime.stage_context(), rewriter), gauges=[queue_depth])
+    return ServiceParts(
+        register,
+        [SERVICE],
+        RewriteStage(runtime.stage_context(), rewriter, models),
+        gauges=[queue_depth],
+        dependencies={"redis": lambda: bool(broker.ping())},
+    )
 
 
 def main(settings: BpoSettings) -> None:
-    port = settings.platform.optimizer_port
-    asyncio.run(run_service("rewriter", settings, port, settings.platform.metrics_port_base + 1, build))
+    asyncio.run(run_service("rewriter", settings, build))

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from google.protobuf.message import Message
 
 from bpo.errors import error_for_status
 from bpo.messages import from_json, to_json
+from bpo.pipeline.jobspec import ResolvedJob
+from bpo.pipeline.optimizer_models import OptimizerModels
 from bpo.pipeline.rewriting import CachedRewriter
-from bpo.pipeline.stage import PermanentItemError, Stage, StageContext, Work
+from bpo.pipeline.stage import Done, Outcome, Stage, StageContext, Work, outcome_of
+from bpo.store.repository import StageWrite
 from bpo.v1 import bpo_pb2 as pb
 
 
 class RewriteStage(Stage[pb.PromptItem]):
     name = "rewrite"
     message_type = pb.PromptItem
+    role = "optimizer"
 
-    def __init__(self, ctx: StageContext, rewriter: CachedRewriter) -> None:
+    def __init__(self, ctx: StageContext, rewriter: CachedRewriter, models: OptimizerModels) -> None:
         super().__init__(ctx)
         self._rewriter = rewriter
+        self._models = models
 
     def item_of(self, payload: pb.PromptItem) -> pb.PromptItem:
         return payload
@@ -31,37 +36,30 @@ class RewriteStage(Stage[pb.PromptItem]):
             return None
         return from_json(stored, pb.Rewrite)
 
-    async def process(self, work: Sequence[Work[pb.PromptItem]]) -> list[tuple[Work[pb.PromptItem], Exception]]:
-        failures: list[tuple[Work[pb.PromptItem], Exception]] = []
-        groups: dict[tuple[str, object], list[Work[pb.PromptItem]]] = {}
-        for w in work:
-            groups.setdefault((w.job.optimizer_model, w.job.params), []).append(w)
-        for (model, _), members in groups.items():
-            params = members[0].job.params
-            outcomes = await self._rewriter.rewrite([w.payload for w in members], model, params)
-            for w, outcome in zip(members, outcomes, strict=True):
-                if outcome.failure is not None:
-                    error = error_for_status(outcome.failure.status_code, outcome.failure.error)
-                    if outcome.failure.status_code == "INVALID_ARGUMENT":
-                        error = PermanentItemError(outcome.failure.error)
-                    failures.append((w, error))
-                    continue
-                rewrite = outcome.rewrite
-                assert rewrite is not None
-                await asyncio.to_thread(self._store_and_forward, w, rewrite)
-        return failures
+    def endpoint_of(self, job: ResolvedJob) -> str:
+        return job.optimizer_model
 
-    def _store_and_forward(self, w: Work[pb.PromptItem], rewrite: pb.Rewrite) -> None:
-        self.write_once_and_forward(
-            w,
-            rewrite,
-            lambda: self.ctx.store.record_rewrite(
-                w.item_id,
-                to_json(rewrite),
-                tokens_in=rewrite.tokens_in,
-                tokens_out=rewrite.tokens_out,
-                cache_hit=rewrite.cache_hit,
-                fallback_reason=rewrite.fallback_reason or None,
-                final=w.job.is_last(self.name),
-            ),
-        )
+    def group_key(self, work: Work[pb.PromptItem]) -> Hashable:
+        return (work.job.optimizer_model, work.job.params)
+
+    async def run_group(self, members: Sequence[Work[pb.PromptItem]]) -> list[Outcome]:
+        job = members[0].job
+        # A name the workers do not serve fails the items (a job admitted earlier may name a model since
+        # withdrawn); a served one with no live worker right now parks them, instead of queueing a task nobody
+        # takes and waiting out its timeout.
+        model = await asyncio.to_thread(self._models.resolve, job.optimizer_model)
+        await asyncio.to_thread(self._models.require_live, model)
+        outcomes: list[Outcome] = []
+        for w, outcome in zip(
+            members, await self._rewriter.rewrite([w.payload for w in members], model, job.params), strict=True
+        ):
+            if outcome.failure is not None:
+                outcomes.append(outcome_of(error_for_status(outcome.failure.status_code, outcome.failure.error)))
+                continue
+            rewrite = outcome.rewrite
+            assert rewrite is not None
+            extra = {"cache_hit": rewrite.cache_hit, "fallback_reason": rewrite.fallback_reason or None}
+            final = w.job.is_last(self.name)
+            write = StageWrite(w.item_id, to_json(rewrite), rewrite.tokens_in, rewrite.tokens_out, final, extra)
+            outcomes.append(Done(rewrite, write))
+        return outcomes

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from bpo.pipeline.client import ADMIN_TOKEN_FILE, with_bearer_token
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
 
 
@@ -28,11 +29,13 @@ def bpo(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.Com
     )  # fmt: skip
 
 
-def platform_logs(env: dict[str, str]) -> str:
+def platform_logs(env: dict[str, str], tail: int | None = 3000) -> str:
+    """Every service's log (the last ``tail`` characters of each; ``None``: all of it)."""
     folder = Path(env["BPO_STATE_DIR"]) / "stack" / "logs"
     if not folder.exists():
         return ""
-    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(folder.glob("*.log")))
+    start = -tail if tail is not None else 0
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[start:]}" for p in sorted(folder.glob("*.log")))
 
 
 def state(env: dict[str, str]) -> dict[str, Any]:
@@ -40,8 +43,19 @@ def state(env: dict[str, str]) -> dict[str, Any]:
     return data
 
 
-def jobs_stub(env: dict[str, str]) -> pb_grpc.JobsServiceStub:
-    return pb_grpc.JobsServiceStub(grpc.insecure_channel(state(env)["addresses"]["jobs"]))
+def admin_token(env: dict[str, str]) -> str:
+    """The token of the admin team ``bpo up`` created (what the ``bpo`` command uses on this machine)."""
+    return (Path(env["BPO_STATE_DIR"]) / "stack" / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+
+
+def channel_to(env: dict[str, str], service: str, token: str | None = None) -> grpc.Channel:
+    """A plaintext channel to one of the platform's services, as the admin team unless ``token`` is given."""
+    channel = grpc.insecure_channel(state(env)["addresses"][service])
+    return with_bearer_token(channel, token or admin_token(env))
+
+
+def jobs_stub(env: dict[str, str], token: str | None = None) -> pb_grpc.JobsServiceStub:
+    return pb_grpc.JobsServiceStub(channel_to(env, "jobs", token))
 
 
 @contextmanager

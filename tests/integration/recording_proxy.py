@@ -23,6 +23,7 @@ class Recorded:
     route: str
     path: str
     model: str
+    authorization: str = ""
 
 
 @dataclass
@@ -56,7 +57,9 @@ def recording_proxy(upstream_base: str) -> Iterator[RecordingProxy]:
             except json.JSONDecodeError:
                 payload = {}
             with proxy.lock:
-                proxy.requests.append(Recorded(route, "/" + rest, str(payload.get("model", ""))))
+                proxy.requests.append(
+                    Recorded(route, "/" + rest, str(payload.get("model", "")), self.headers.get("authorization", ""))
+                )
             upstream = client.post(
                 proxy.upstream + "/" + rest.removeprefix("v1/"),
                 content=body,

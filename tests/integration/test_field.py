@@ -26,6 +26,8 @@ from tests.integration.recording_proxy import RecordingProxy, recording_proxy
 pytestmark = pytest.mark.integration
 
 SERVED_NAME = "gpt-4o-mini"
+# The target and judge endpoints' API key: the operator's secret, which only those endpoints may ever see.
+FIELD_KEY = "sk-field-" + "9f1c2e7a4b"
 
 
 # -- (a) the main job's path on embedded defaults ---------------------------------------------------------------
@@ -74,13 +76,10 @@ def test_the_main_job_judges_every_item(embedded_platform: dict[str, str], tmp_p
 def test_a_job_whose_items_fail_exits_non_zero_and_says_why(embedded_platform: dict[str, str], tmp_path: Path) -> None:
     result = bpo(embedded_platform, *eval_args(tmp_path / "report", "--target", "no-such-model"))
     assert result.returncode != 0, result.stdout + result.stderr
-    # Refused up front, or failed item by item: either way the reason names the model.
-    assert "no-such-model" in result.stderr, result.stderr
-    assert (
-        "n = 0" in result.stderr
-        or "none of its 3 items finished" in result.stderr
-        or "INVALID_ARGUMENT" in (result.stderr)
-    ), result.stderr
+    # Refused up front: a target is an endpoint the operator declared, and this one is not.
+    assert "NOT_FOUND" in result.stderr and "no endpoint named 'no-such-model' is declared" in result.stderr, (
+        result.stderr
+    )
 
 
 # -- (b) a real OpenAI-compatible endpoint as optimizer, target and judge -----------------------------------------
@@ -114,8 +113,17 @@ def openai_platform(
             "BPO_ENGINE__NAME": "openai",
             "BPO_ENGINE__OPENAI_BASE_URL": endpoint.url("optimizer"),
             "BPO_OPTIMIZER__MAX_NEW_TOKENS": "64",
+            # The operator declares the target and judge endpoints (jobs name them); the key is a secret by name.
+            "BPO_ENDPOINTS": json.dumps({
+                role: {"engine": "openai", "url": endpoint.url(role), "model": SERVED_NAME, "roles": [role],
+                       "api_key_secret": "field-key"}
+                for role in ("target", "judge")
+            }),
+            "BPO_SECRET_FIELD_KEY": FIELD_KEY,
+            "BPO_PLATFORM__TARGET_MODEL": "target",
+            "BPO_PLATFORM__JUDGE_MODEL": "judge",
         },
-    )
+    )  # fmt: skip
     with running_platform(env) as running:
         yield running
 
@@ -123,10 +131,7 @@ def openai_platform(
 def submit_to_endpoint(env: dict[str, str], endpoint: RecordingProxy, corpus: Path) -> str:
     result = bpo(
         env, "submit", str(corpus), "--seed", "1", "--wait",
-        "--target-engine", "openai", "--target-url", endpoint.url("target"), "--target-model", SERVED_NAME,
-        "--target-max-tokens", "32",
-        "--judge-engine", "openai", "--judge-url", endpoint.url("judge"), "--judge-model", SERVED_NAME,
-        "--judge-max-tokens", "48",
+        "--target", "target", "--target-max-tokens", "32", "--judge", "judge", "--judge-max-tokens", "48",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr + platform_logs(env)
     return result.stdout.strip().splitlines()[0]
@@ -154,6 +159,9 @@ def test_a_job_against_an_openai_compatible_endpoint(
     # Exactly the configured name reached the endpoint, from every role: no catalogue name, no "remote/" prefix.
     assert {r.model for r in endpoint.requests} == {SERVED_NAME}
     assert {r.path for r in endpoint.requests} == {"/v1/chat/completions"}
+    # The declared secret went to the endpoints that declare it, and nowhere into the platform's logs.
+    assert {r.authorization for r in endpoint.calls("target") + endpoint.calls("judge")} == {f"Bearer {FIELD_KEY}"}
+    assert FIELD_KEY not in platform_logs(openai_platform, tail=None)
 
     # The same prompts again: every rewrite comes from the cache, the optimizer is not called once.
     second = submit_to_endpoint(openai_platform, endpoint, corpus)

@@ -7,28 +7,37 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.message import Message
 
+from bpo.auth import Authenticator, AuthInterceptor
+from bpo.endpoints import Endpoints, Secrets, default_declarations
 from bpo.grpc_server import ErrorAndMetricsInterceptor
 from bpo.messages import params_to_proto, to_json
 from bpo.metrics import PlatformMetrics
+from bpo.models.catalogue import ModelCatalogue
 from bpo.optimizer.optimizer import OptimizeParams, RewriteFailure
+from bpo.pipeline.admission import Admission
+from bpo.pipeline.optimizer_models import OptimizerModels
+from bpo.pipeline.quotas import QuotaGuard
 from bpo.pipeline.rewriting import CachedRewriter, RewriteOutcome
 from bpo.pipeline.runtime import Runtime
-from bpo.settings import BpoSettings, PlatformSettings
+from bpo.settings import BpoSettings, EngineSettings, PlatformSettings
 from bpo.store.db import migrate, open_pool
 from bpo.store.repository import NewItem, PipelineStore, item_id_for
-from bpo.streaming.kafka import KafkaSettings
+from bpo.streaming.kafka import KafkaSettings, OutboundMessage, PublishedRecord, PublishError
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
-from services.jobs.resume import republish_unfinished
 from services.jobs.servicer import JobsServicer
+from services.jobs.sweep import Sweeper
 from services.rewriter.servicer import OptimizerServicer
 from tests.integration.services import fresh_database
 
@@ -37,18 +46,66 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 DEFAULTS = OptimizeParams(temperature=0.6, top_p=0.9, max_new_tokens=256, seed=11, rounds=1)
 
 
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {self._token}"))
+        return details._replace(metadata=metadata)
+
+
+class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def bearer_token(token: str) -> list[Any]:
+    """The caller's ``authorization`` metadata on every call of an asyncio channel (an asyncio channel files each
+    interceptor under one kind of call only, so there is one per kind)."""
+    return [kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+
+
+@dataclass(frozen=True)
+class Access:
+    """The store the services authenticate against, and the tokens of two teams on it."""
+
+    store: PipelineStore
+    token: str
+    other_token: str
+
+
 @asynccontextmanager
 async def serving(
-    register: Callable[[grpc.aio.Server], None], service: str
-) -> AsyncIterator[tuple[grpc.aio.Channel, PlatformMetrics]]:
+    register: Callable[[grpc.aio.Server], None], service: str, access: Access
+) -> AsyncIterator[tuple[grpc.aio.Channel, PlatformMetrics, str]]:
+    """The service behind the platform's interceptors (errors and metrics outside, authentication inside) and
+    a channel to it as the first team."""
     metrics = PlatformMetrics()
-    server = grpc.aio.server(interceptors=[ErrorAndMetricsInterceptor(metrics, service)])
+    authenticate = AuthInterceptor(Authenticator(access.store.team_for_token))
+    server = grpc.aio.server(interceptors=[ErrorAndMetricsInterceptor(metrics, service), authenticate])
     register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address, interceptors=bearer_token(access.token))
     try:
-        yield channel, metrics
+        yield channel, metrics, address
     finally:
         await channel.close()
         await server.stop(None)
@@ -103,21 +160,68 @@ class ScriptedRewriter(CachedRewriter):
         ]
 
 
+class LiveWorkers:
+    """Which models live workers serve, as the workers' heartbeats would say."""
+
+    def __init__(self, *models: str) -> None:
+        self.models = {model: 1 for model in models}
+
+    def live(self) -> dict[str, int]:
+        return dict(self.models)
+
+
+def admission(*served: str, live: LiveWorkers | None = None) -> Admission:
+    platform = PlatformSettings(optimizer_model="opt", max_item_bytes=64 * 1024)
+    endpoints = Endpoints(default_declarations(EngineSettings()), EngineSettings(), Secrets(None, {}))
+    return Admission(platform, OptimizerModels(served, live or LiveWorkers(*served), ModelCatalogue()), endpoints)
+
+
+@pytest.fixture(scope="module")
+def jobs_store(postgres_admin_url: str) -> Iterator[PipelineStore]:
+    with fresh_database(postgres_admin_url, "bpo_grpc") as url:
+        pool = open_pool(url, min_size=1, max_size=4)
+        try:
+            migrate(pool)
+            yield PipelineStore(pool)
+        finally:
+            pool.close()
+
+
+@pytest.fixture(scope="module")
+def access(jobs_store: PipelineStore) -> Access:
+    for team in ("alpha", "beta"):
+        jobs_store.create_team(team)
+    return Access(jobs_store, jobs_store.create_token("alpha")[1], jobs_store.create_token("beta")[1])
+
+
 @asynccontextmanager
 async def optimizer(
-    rewriter: ScriptedRewriter, *, batch_size: int = 8, max_in_flight: int = 64
+    access: Access,
+    rewriter: ScriptedRewriter,
+    *,
+    batch_size: int = 8,
+    max_in_flight: int = 64,
+    live: LiveWorkers | None = None,
 ) -> AsyncIterator[tuple[pb_grpc.OptimizerServiceAsyncStub, PlatformMetrics]]:
-    servicer = OptimizerServicer(rewriter, "opt", DEFAULTS, batch_size=batch_size, max_in_flight=max_in_flight)
-    async with serving(lambda s: pb_grpc.add_OptimizerServiceServicer_to_server(servicer, s), "optimizer") as (
+    servicer = OptimizerServicer(
+        rewriter,
+        admission("opt", "m2", "other", live=live),
+        QuotaGuard(access.store),
+        DEFAULTS,
+        batch_size=batch_size,
+        max_in_flight=max_in_flight,
+    )
+    async with serving(lambda s: pb_grpc.add_OptimizerServiceServicer_to_server(servicer, s), "optimizer", access) as (
         channel,
         metrics,
+        _,
     ):
         yield pb_grpc.OptimizerServiceStub(channel), metrics
 
 
-async def test_optimize_and_its_error_codes() -> None:
+async def test_optimize_and_its_error_codes(access: Access) -> None:
     rewriter = ScriptedRewriter(failures={"too long": "INVALID_ARGUMENT", "engine down": "UNAVAILABLE"})
-    async with optimizer(rewriter) as (stub, metrics):
+    async with optimizer(access, rewriter) as (stub, metrics):
         reply = await stub.Optimize(pb.OptimizeRequest(prompt="Tell me about tides.", context="the Moon"))
         assert reply.rewrite.optimized == "Better: Tell me about tides."
         assert (reply.rewrite.item.prompt, reply.rewrite.item.context, reply.rewrite.model) == (
@@ -139,41 +243,70 @@ async def test_optimize_and_its_error_codes() -> None:
             assert (caught.value.code(), caught.value.details()) == (code, details)
         assert len(rewriter.batches) == 4  # the empty prompt never reached the rewriter
 
+        # Admission: what the platform cannot serve is refused before any work, naming the field.
+        for request, code, details in [
+            (pb.OptimizeRequest(prompt="x", model="no-such-model"), grpc.StatusCode.INVALID_ARGUMENT,
+             "model: 'no-such-model' is not served by this platform's optimizer workers; served: m2, opt, other"),
+            (pb.OptimizeRequest(prompt="x", params=pb.OptimizeParams(temperature=-1)),
+             grpc.StatusCode.INVALID_ARGUMENT, "params.temperature: must be a finite number >= 0"),
+            (pb.OptimizeRequest(prompt="x", params=pb.OptimizeParams(rounds=99)), grpc.StatusCode.INVALID_ARGUMENT,
+             "params.rounds: must be within 1..10"),
+            (pb.OptimizeRequest(prompt="x" * (70 * 1024)), grpc.StatusCode.INVALID_ARGUMENT,
+             "at most 65536 are accepted"),
+        ]:  # fmt: skip
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Optimize(request)
+            assert caught.value.code() == code and details in (caught.value.details() or ""), caught.value.details()
+        assert len(rewriter.batches) == 4
+
         assert calls(metrics, "optimizer", "Optimize", "OK") == 2
-        assert calls(metrics, "optimizer", "Optimize", "INVALID_ARGUMENT") == 2
+        assert calls(metrics, "optimizer", "Optimize", "INVALID_ARGUMENT") == 6
         assert calls(metrics, "optimizer", "Optimize", "UNAVAILABLE") == 1
         assert metrics.registry.get_sample_value(
             "bpo_grpc_latency_seconds_count", {"service": "optimizer", "method": "Optimize"}
-        ) == pytest.approx(5)
+        ) == pytest.approx(9)
 
 
-async def test_resource_exhausted_beyond_max_in_flight() -> None:
+async def test_a_served_model_without_a_live_worker_is_unavailable_at_once(access: Access) -> None:
+    rewriter = ScriptedRewriter()
+    live = LiveWorkers("opt")
+    async with optimizer(access, rewriter, live=live) as (stub, _):
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Optimize(pb.OptimizeRequest(prompt="x", model="m2"), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no optimizer worker is serving 'm2' right now" in (caught.value.details() or "")
+        assert time.monotonic() - started < 5 and rewriter.batches == []
+
+
+async def test_resource_exhausted_beyond_max_in_flight(access: Access) -> None:
     rewriter = ScriptedRewriter(hold=True)
-    async with optimizer(rewriter, max_in_flight=2) as (stub, metrics):
+    async with optimizer(access, rewriter, max_in_flight=2) as (stub, metrics):
         held = [stub.Optimize(pb.OptimizeRequest(prompt=f"p{n}")) for n in range(2)]  # started at once
         await eventually(lambda: rewriter.running == 2)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Optimize(pb.OptimizeRequest(prompt="one too many"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "at capacity" in (caught.value.details() or "")
-        # A batch stream that would exceed it is refused the same way.
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in stub.OptimizeBatch(iter([pb.OptimizeBatchRequest(request_id="r", prompt="q")]), timeout=10):
-                pass
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # In a batch stream, the requests beyond it are refused the same way, each in its own response; the
+        # stream itself goes on.
+        stream = stub.OptimizeBatch(iter([pb.OptimizeBatchRequest(request_id="r", prompt="q")]), timeout=10)
+        (refused,) = [response async for response in stream]
+        assert (refused.request_id, refused.error_code) == ("r", "RESOURCE_EXHAUSTED")
+        assert "at capacity" in refused.error
 
         rewriter.release.set()
         assert [r.rewrite.optimized for r in await asyncio.gather(*held)] == ["Better: p0", "Better: p1"]
         # The slots are free again.
         assert (await stub.Optimize(pb.OptimizeRequest(prompt="now fine"))).rewrite.optimized == "Better: now fine"
         assert calls(metrics, "optimizer", "Optimize", "RESOURCE_EXHAUSTED") == 1
-        assert calls(metrics, "optimizer", "OptimizeBatch", "RESOURCE_EXHAUSTED") == 1
+        assert calls(metrics, "optimizer", "OptimizeBatch", "OK") == 1
         assert calls(metrics, "optimizer", "Optimize", "OK") == 3
 
 
-async def test_deadline_exceeded_is_honoured() -> None:
+async def test_deadline_exceeded_is_honoured(access: Access) -> None:
     rewriter = ScriptedRewriter(hold=True)
-    async with optimizer(rewriter, max_in_flight=1) as (stub, metrics):
+    async with optimizer(access, rewriter, max_in_flight=1) as (stub, metrics):
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Optimize(pb.OptimizeRequest(prompt="slow"), timeout=0.5)
@@ -193,9 +326,9 @@ async def test_deadline_exceeded_is_honoured() -> None:
         assert reply.rewrite.optimized == "Better: fast"
 
 
-async def test_optimize_batch_streams_one_response_per_request_in_batches() -> None:
+async def test_optimize_batch_streams_one_response_per_request_in_batches(access: Access) -> None:
     rewriter = ScriptedRewriter(failures={"too long": "INVALID_ARGUMENT"})
-    async with optimizer(rewriter, batch_size=3) as (stub, metrics):
+    async with optimizer(access, rewriter, batch_size=3) as (stub, metrics):
         call = stub.OptimizeBatch()
         for n in range(3):
             await call.write(pb.OptimizeBatchRequest(request_id=f"r{n}", prompt=f"prompt {n}"))
@@ -254,42 +387,57 @@ class Jobs:
     store: PipelineStore
     runtime: Runtime
     metrics: PlatformMetrics
+    sweeper: Sweeper
+    address: str
+    other_token: str
     published: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def stub_as(self, token: str | None) -> AsyncIterator[pb_grpc.JobsServiceAsyncStub]:
+        """A stub calling with ``token`` (None: no authorization metadata at all)."""
+        interceptors = bearer_token(token) if token is not None else []
+        async with grpc.aio.insecure_channel(self.address, interceptors=interceptors) as channel:
+            yield pb_grpc.JobsServiceStub(channel)
 
     def take_published(self) -> list[tuple[str, str, bytes]]:
         taken, self.published[:] = list(self.published), []
         return taken
 
-
-@pytest.fixture(scope="module")
-def jobs_store(postgres_admin_url: str) -> Iterator[PipelineStore]:
-    with fresh_database(postgres_admin_url, "bpo_grpc") as url:
-        pool = open_pool(url, min_size=1, max_size=4)
-        try:
-            migrate(pool)
-            yield PipelineStore(pool)
-        finally:
-            pool.close()
+    def sweep(self, idle_s: float = 0.0) -> None:
+        """One pass of the jobs service's sweep (as it runs at start with ``idle_s`` 0)."""
+        self.sweeper.sweep_once(idle_s, datetime.now(UTC))
 
 
 @pytest.fixture
-async def jobs(jobs_store: PipelineStore) -> AsyncIterator[Jobs]:
+async def jobs(access: Access) -> AsyncIterator[Jobs]:
+    jobs_store = access.store
     published: list[tuple[str, str, bytes]] = []
+
+    def publish_many(messages: Sequence[OutboundMessage]) -> list[PublishedRecord | PublishError]:
+        published.extend((m.topic, m.key or "", m.value) for m in messages)
+        return [PublishedRecord(m.topic, 0, n) for n, m in enumerate(messages)]
+
     metrics = PlatformMetrics()
     runtime = Runtime(
-        settings=BpoSettings(platform=PlatformSettings()),
+        settings=BpoSettings(platform=PlatformSettings(optimizer_model="opt")),
         store=jobs_store,
         kafka=KafkaSettings(bootstrap_servers="unused:9092", topic_prefix="t"),
         metrics=metrics,
-        publish=lambda topic, key, value: published.append((topic, key, value)),
+        publish_many=publish_many,
         loop=asyncio.get_running_loop(),
+        endpoints=admission("opt").endpoints,
     )
-    servicer = JobsServicer(runtime)
-    async with serving(lambda s: pb_grpc.add_JobsServiceServicer_to_server(servicer, s), "jobs") as (
+    sweeper = Sweeper(runtime)
+    servicer = JobsServicer(runtime, admission("opt"), lambda: None)
+    async with serving(lambda s: pb_grpc.add_JobsServiceServicer_to_server(servicer, s), "jobs", access) as (
         channel,
         grpc_metrics,
+        address,
     ):
-        yield Jobs(pb_grpc.JobsServiceStub(channel), jobs_store, runtime, grpc_metrics, published)
+        yield Jobs(
+            pb_grpc.JobsServiceStub(channel), jobs_store, runtime, grpc_metrics, sweeper, address, access.other_token,
+            published,
+        )  # fmt: skip
 
 
 def spec_request(*stages: pb.Stage.ValueType, **fields: object) -> pb.SubmitJobRequest:
@@ -318,6 +466,9 @@ async def test_submit_get_report_and_export(jobs: Jobs) -> None:
     job_id = reply.job_id
     assert (reply.accepted, reply.rejected, reply.duplicates) == (2, 2, 1)
     a, b = item_id_for(job_id, "a"), item_id_for(job_id, "b")
+    # The sweep hands the new job's items to the first stage (the service wakes it on every submission).
+    assert jobs.published == []
+    jobs.sweep(idle_s=900)
     published = jobs.take_published()
     assert [(topic, key) for topic, key, _ in published] == [("t.prompts", a), ("t.prompts", b)]
     message = pb.PromptItem.FromString(published[1][2])
@@ -433,7 +584,11 @@ async def test_a_corpus_of_rejected_lines_finishes_at_once(jobs: Jobs) -> None:
         ([item_request("a", 1)], "the first message of SubmitJob must carry the job spec"),
         ([spec_request(pb.STAGE_GENERATE)], "skip a stage"),
         ([spec_request(pb.STAGE_REWRITE, pb.STAGE_REWRITE)], "each at most once"),
-        ([spec_request(target=pb.ModelEndpoint(engine="tensorrt"))], "unknown engine 'tensorrt'"),
+        ([spec_request(optimizer_model="no-such-model")], "spec.optimizer_model: 'no-such-model' is not served"),
+        ([spec_request(params=pb.OptimizeParams(top_p=2))], "spec.params.top_p"),
+        ([spec_request(target=pb.ModelEndpoint(max_new_tokens=10**6))], "spec.target.max_new_tokens"),
+        ([spec_request(judge_template="vibes")], "spec.judge_template"),
+        ([spec_request()], "the corpus holds no prompts"),
         ([spec_request(), spec_request()], "only the first message of SubmitJob may carry a spec"),
     ],
 )
@@ -442,7 +597,94 @@ async def test_submit_job_refuses_bad_streams(jobs: Jobs, requests: list[pb.Subm
         await jobs.stub.SubmitJob(iter(requests))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details in (caught.value.details() or "")
+    jobs.sweep()
     assert jobs.published == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["http://169.254.169.254/latest/meta-data", "file:///etc/passwd", "/etc/passwd", "../models/x", "$(id)", "gpt-4"],
+)
+async def test_a_target_is_a_declared_name_never_a_url_or_path(jobs: Jobs, name: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs.stub.SubmitJob(iter([spec_request(target=pb.ModelEndpoint(model=name)), item_request("a", 1)]))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert f"spec.target.model: no endpoint named {name!r} is declared" in (caught.value.details() or "")
+    jobs.sweep()
+    assert jobs.published == []
+
+
+async def every_job_rpc(stub: pb_grpc.JobsServiceAsyncStub, job_id: str) -> dict[str, grpc.StatusCode]:
+    """The status each Jobs RPC that names a job answers for ``job_id``."""
+    codes: dict[str, grpc.StatusCode] = {}
+    unary: dict[str, Callable[[], Awaitable[Message]]] = {
+        "GetJob": lambda: stub.GetJob(pb.GetJobRequest(job_id=job_id)),
+        "GetJobReport": lambda: stub.GetJobReport(pb.GetJobReportRequest(job_id=job_id)),
+        "CancelJob": lambda: stub.CancelJob(pb.CancelJobRequest(job_id=job_id)),
+    }
+    streams: dict[str, Callable[[], Any]] = {
+        "WatchJob": lambda: stub.WatchJob(pb.WatchJobRequest(job_id=job_id)),
+        "ExportJob": lambda: stub.ExportJob(pb.ExportJobRequest(job_id=job_id)),
+    }
+    for name, stream in streams.items():
+        try:
+            async for _ in stream():
+                break
+            codes[name] = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            codes[name] = exc.code()
+    for name, call in unary.items():  # CancelJob last: it ends the job
+        try:
+            await call()
+            codes[name] = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            codes[name] = exc.code()
+    return codes
+
+
+async def test_a_team_sees_only_its_own_jobs(jobs: Jobs) -> None:
+    reply = await jobs.stub.SubmitJob(iter([spec_request(pb.STAGE_REWRITE), item_request("a", 1)]))
+    job = (await jobs.stub.GetJob(pb.GetJobRequest(job_id=reply.job_id))).job
+    assert job.team == "alpha"
+    async with jobs.stub_as(jobs.other_token) as beta:
+        # Another team's job is indistinguishable from one that does not exist, on every RPC that names it.
+        codes = await every_job_rpc(beta, reply.job_id)
+        assert set(codes.values()) == {grpc.StatusCode.NOT_FOUND}, codes
+        assert len(codes) == 5
+    assert (await jobs.stub.GetJob(pb.GetJobRequest(job_id=reply.job_id))).job.state == pb.JOB_STATE_RUNNING
+    admin_team = jobs.store.create_team(f"ops-{uuid.uuid4().hex[:6]}", admin=True)
+    async with jobs.stub_as(jobs.store.create_token(admin_team.name)[1]) as admin:
+        assert (await admin.GetJob(pb.GetJobRequest(job_id=reply.job_id))).job.team == "alpha"
+    await jobs.stub.CancelJob(pb.CancelJobRequest(job_id=reply.job_id))  # leaves nothing for later sweeps
+
+
+async def test_calls_without_a_valid_token_are_refused(jobs: Jobs) -> None:
+    reply = await jobs.stub.SubmitJob(iter([spec_request(pb.STAGE_REWRITE), item_request("a", 1)]))
+    team = jobs.store.create_team(f"gone-{uuid.uuid4().hex[:6]}")
+    revoked_info, revoked = jobs.store.create_token(team.name)
+    assert jobs.store.revoke_token(revoked_info.token_id)
+    disabled_team = jobs.store.create_team(f"off-{uuid.uuid4().hex[:6]}")
+    disabled = jobs.store.create_token(disabled_team.name)[1]
+    jobs.store.set_team_disabled(disabled_team.name, True)
+    cases = {
+        None: grpc.StatusCode.UNAUTHENTICATED,
+        "": grpc.StatusCode.UNAUTHENTICATED,
+        "not-a-bpo-token": grpc.StatusCode.UNAUTHENTICATED,
+        "bpo_" + "x" * 40: grpc.StatusCode.UNAUTHENTICATED,
+        "bpo_" + "y" * 1000: grpc.StatusCode.UNAUTHENTICATED,
+        revoked: grpc.StatusCode.UNAUTHENTICATED,
+        disabled: grpc.StatusCode.PERMISSION_DENIED,
+    }
+    for token, expected in cases.items():
+        async with jobs.stub_as(token) as stub:
+            codes = await every_job_rpc(stub, reply.job_id)
+            with pytest.raises(grpc.aio.AioRpcError) as submitting:
+                await stub.SubmitJob(iter([spec_request(pb.STAGE_REWRITE), item_request("b", 1)]))
+            codes["SubmitJob"] = submitting.value.code()
+        assert set(codes.values()) == {expected}, (token and token[:12], codes)
+    assert calls(jobs.metrics, "jobs", "GetJob", "UNAUTHENTICATED") == 6
+    assert (await jobs.stub.GetJob(pb.GetJobRequest(job_id=reply.job_id))).job.state == pb.JOB_STATE_RUNNING
+    await jobs.stub.CancelJob(pb.CancelJobRequest(job_id=reply.job_id))
 
 
 @pytest.mark.parametrize("job_id", ["not-a-uuid", "00000000-0000-0000-0000-000000000000"])
@@ -468,7 +710,7 @@ async def test_unknown_jobs_are_not_found(jobs: Jobs, job_id: str) -> None:
     assert calls(jobs.metrics, "jobs", "WatchJob", "NOT_FOUND") == 1
 
 
-async def test_republish_unfinished_items_to_the_stage_each_needs(jobs: Jobs) -> None:
+async def test_the_sweep_republishes_unfinished_items_to_the_stage_each_needs(jobs: Jobs) -> None:
     store = jobs.store
     job_id = store.create_job("resume", to_json(pb.JobSpec(name="resume")), ("rewrite", "generate", "judge"))
     sources = ["pending", "rewritten", "answered", "done"]
@@ -495,9 +737,8 @@ async def test_republish_unfinished_items_to_the_stage_each_needs(jobs: Jobs) ->
     store.add_items(cancelled, [NewItem("c", 1, "p", None, None, "h")])
     store.cancel_job(cancelled)
 
-    republished = republish_unfinished(jobs.runtime)
+    jobs.sweep(idle_s=0)  # the pass at start: every unfinished item, whatever the broker still holds
     everything = jobs.take_published()
-    assert republished == len(everything)
     assert cancelled not in {pb.PromptItem.FromString(v).job_id for t, _, v in everything if t == "t.prompts"}
     mine = [(topic, key, value) for topic, key, value in everything if key in ids]
     assert [(topic, key) for topic, key, _ in mine] == [
@@ -518,3 +759,32 @@ async def test_republish_unfinished_items_to_the_stage_each_needs(jobs: Jobs) ->
     assert pb.AnswerPair.FromString(mine[2][2]) == answers
     stale_job = store.get_job(stale)
     assert stale_job is not None and stale_job.state == "succeeded"
+
+
+async def test_a_submission_that_breaks_off_leaves_no_job(jobs: Jobs, jobs_store: PipelineStore) -> None:
+    """The client's corpus fails to parse half-way (or it disconnects): nothing of it runs, nobody has its id."""
+
+    async def broken_stream() -> AsyncIterator[pb.SubmitJobRequest]:
+        yield pb.SubmitJobRequest(spec=pb.JobSpec(name="half a corpus"))
+        for n in range(1500):  # more than one stored chunk
+            yield item_request(f"s{n}", n)
+        # The first chunk is stored, under a job nobody can see yet.
+        await eventually(lambda: _jobs_named(jobs_store, "half a corpus", "submitting") == 1)
+        raise RuntimeError("the client's reader failed")
+
+    # The client cancels the call when its stream raises: the call ends with an error, never with a job id.
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+        await jobs.stub.SubmitJob(broken_stream())
+    await eventually(lambda: _jobs_named(jobs_store, "half a corpus") == 0)
+    jobs.sweep()  # (other tests' unfinished jobs are republished too: only this one's items must not be)
+    sources = {pb.PromptItem.FromString(value).source_id for topic, _, value in jobs.published if topic == "t.prompts"}
+    assert not {f"s{n}" for n in range(1500)} & sources
+
+
+def _jobs_named(store: PipelineStore, name: str, state: str | None = None) -> int:
+    with store._pool.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM jobs WHERE name = %s AND (%s::text IS NULL OR state = %s)", (name, state, state)
+        ).fetchone()
+    assert row is not None
+    return int(row["n"])

@@ -23,7 +23,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from bpo.stack.isolated import isolated_platform_env
 from bpo.v1 import bpo_pb2 as pb
 from bpo.v1 import bpo_pb2_grpc as pb_grpc
-from tests.integration.platform import bpo, jobs_stub, platform_logs, running_platform, shared_models_dir, state
+from tests.integration.platform import (
+    bpo,
+    channel_to,
+    jobs_stub,
+    platform_logs,
+    running_platform,
+    shared_models_dir,
+    state,
+)
 from tests.integration.services import fresh_database, redis_database
 
 pytestmark = pytest.mark.integration
@@ -157,8 +165,7 @@ def test_servers_have_health_and_reflection(stack: dict[str, str]) -> None:
 
 
 def test_optimize_over_grpc_and_error_codes(stack: dict[str, str]) -> None:
-    address = state(stack)["addresses"]["rewriter"]
-    with grpc.insecure_channel(address) as channel:
+    with channel_to(stack, "rewriter") as channel:
         stub = pb_grpc.OptimizerServiceStub(channel)
         reply = stub.Optimize(pb.OptimizeRequest(prompt="Tell me about the moon."), timeout=300)
         assert reply.rewrite.optimized and reply.rewrite.model == MODEL
@@ -172,7 +179,7 @@ def test_optimize_over_grpc_and_error_codes(stack: dict[str, str]) -> None:
                                               for i, p in enumerate([*PROMPTS[:3], "  "])]), timeout=300))  # fmt: skip
         assert sorted(r.request_id for r in batch) == ["0", "1", "2", "3"]
         assert [r.error_code for r in batch if r.request_id == "3"] == ["INVALID_ARGUMENT"]
-    with grpc.insecure_channel(state(stack)["addresses"]["jobs"]) as channel:
+    with channel_to(stack, "jobs") as channel:
         with pytest.raises(grpc.RpcError) as missing:
             pb_grpc.JobsServiceStub(channel).GetJob(pb.GetJobRequest(job_id=str(uuid.uuid4())), timeout=10)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND

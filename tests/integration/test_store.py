@@ -3,8 +3,10 @@ reports, the rewrite cache and the model registry. Each test makes its own job i
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -13,10 +15,21 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from bpo.engines.base import Completion
+from bpo.errors import InvalidConfigurationError
 from bpo.messages import prompt_hash
 from bpo.pipeline.report import build_report
 from bpo.store.db import migrate, migration_scripts, open_pool
-from bpo.store.repository import JobRow, NewItem, PipelineStore, StageCounts, item_id_for
+from bpo.store.progress import FOLD_ABOVE
+from bpo.store.repository import (
+    JobRow,
+    NewItem,
+    PipelineStore,
+    RetryPolicy,
+    StageCounts,
+    StageWrite,
+    item_id_for,
+)
+from bpo.store.teams import TeamQuotas
 from bpo.v1 import bpo_pb2 as pb
 from tests.integration.services import fresh_database
 
@@ -459,3 +472,205 @@ def test_registry_and_aliases(db: Db) -> None:
     with psycopg.connect(db.url) as conn:
         row = conn.execute("SELECT source, metrics FROM model_registry WHERE name = 'bpo-opt' AND version = '1'")
         assert row.fetchone() == ("re-evaluated", {"delta_wr": 0.2})
+
+
+# -- submissions, retries and the sweep's claims --------------------------------------------------------------
+
+
+def test_a_submission_is_invisible_until_started_and_gone_when_aborted(store: PipelineStore) -> None:
+    job_id = store.begin_job("corpus", {"name": "corpus"}, ALL)
+    store.add_items(job_id, [new_item("a", 1)])
+    assert store.get_job(job_id) is not None and store.get_job(job_id).state == "submitting"  # type: ignore[union-attr]
+    assert job_id not in {job.job_id for job in store.running_jobs()}
+    # Nothing of a submission in progress is ever claimed for the stages.
+    assert all(str(r.item["job_id"]) != job_id for r in store.claim_due_items(0, 1000, datetime.now(UTC)))
+    assert store.abort_job(job_id)
+    assert store.get_job(job_id) is None and store.items_by_ids([item_id_for(job_id, "a")]) == {}
+    started = store.begin_job("corpus", {"name": "corpus"}, ALL)
+    assert store.start_job(started) and not store.abort_job(started)  # a started job is never aborted
+    assert store.get_job(started).state == "running"  # type: ignore[union-attr]
+
+
+def test_silent_submissions_are_deleted(db: Db) -> None:
+    store = db.store
+    silent = store.begin_job("silent", {}, ALL)
+    alive = store.begin_job("alive", {}, ALL)
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE job_id = %s", (silent,))
+    assert store.delete_stale_submissions(60) == [silent]
+    assert store.get_job(alive) is not None
+    assert not store.start_job(silent)  # its stream, if it ever comes back, is told to submit again
+
+
+def test_parked_items_wait_their_back_off_and_give_up_after_the_last_attempt(db: Db) -> None:
+    store = db.store
+    _, (item,) = job_with(store, ["p"], ("rewrite",))
+    policy = RetryPolicy(base_delay_s=60, max_delay_s=600, max_attempts=3)
+    assert store.park_items("rewrite", [(item, "endpoint down")], policy).parked == [item]
+    row = store.get_item(item)
+    assert row is not None and (row["attempts"], row["status"], row["last_error"]) == (1, "pending", "endpoint down")
+    assert row["retry_at"] is not None
+    # Not due yet: the sweep leaves it alone.
+    assert item not in {str(r.item["item_id"]) for r in store.claim_due_items(0, 1000, datetime.now(UTC))}
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        conn.execute("UPDATE items SET retry_at = now() - interval '1 second' WHERE item_id = %s", (item,))
+    (due,) = [r for r in store.claim_due_items(3600, 1000, datetime.now(UTC)) if str(r.item["item_id"]) == item]
+    assert (due.next_stage, due.reason) == ("rewrite", "parked")
+    assert store.park_items("rewrite", [(item, "still down")], policy).parked == [item]
+    assert store.park_items("rewrite", [(item, "down for good")], policy).gave_up == [item]
+    row = store.get_item(item)
+    assert row is not None and (row["status"], row["failed_stage"]) == ("failed", "rewrite")
+    assert row["error"] == "gave up after 3 attempts: down for good"
+
+
+def test_the_sweep_claims_unpublished_and_idle_items_once_per_pass(db: Db) -> None:
+    store = db.store
+    job, items = job_with(store, ["u1", "u2", "idle", "fresh"], ("rewrite",))
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        conn.execute("UPDATE items SET published_at = now() - interval '1 hour' WHERE item_id = %s", (items[2],))
+        conn.execute("UPDATE items SET published_at = now() WHERE item_id = %s", (items[3],))
+    cutoff = datetime.now(UTC)
+    claimed = {str(r.item["item_id"]): r.reason for r in store.claim_due_items(600, 1000, cutoff)}
+    assert {k: v for k, v in claimed.items() if k in items} == {
+        items[0]: "unpublished", items[1]: "unpublished", items[2]: "idle"
+    }  # fmt: skip
+    # Claimed items count as published now: the same pass, or a concurrent one, does not take them again.
+    again = {str(r.item["item_id"]) for r in store.claim_due_items(600, 1000, cutoff)}
+    assert not again & set(items)
+    # A limit bounds a pass.
+    more, _ = store.add_items(job.job_id, [new_item(f"n{i}", 10 + i) for i in range(5)])
+    assert len([r for r in store.claim_due_items(600, 2, cutoff) if str(r.item["item_id"]) in more]) <= 4
+
+
+# -- teams, tokens, quotas, usage ---------------------------------------------------------------------------
+
+
+def test_tokens_are_stored_hashed_and_revocable(db: Db) -> None:
+    store = db.store
+    team = store.create_team("store-tokens")
+    with pytest.raises(InvalidConfigurationError, match="exists already"):
+        store.create_team("store-tokens")
+    with pytest.raises(InvalidConfigurationError, match="must be 1-64"):
+        store.create_team("no spaces")
+    info, token = store.create_token("store-tokens", "ci")
+    assert token.startswith("bpo_") and info.prefix == token[:12] and info.team == "store-tokens"
+    found = store.team_for_token(token)
+    assert found is not None and found.team_id == team.team_id
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        stored = conn.execute("SELECT token_hash, last_used_at FROM api_tokens WHERE token_id = %s", (info.token_id,))
+        token_hash, last_used = stored.fetchone() or (None, None)
+    assert token_hash == hashlib.sha256(token.encode()).hexdigest() and token not in str(token_hash)
+    assert last_used is not None
+    assert store.team_for_token(token + "x") is None
+    assert store.revoke_token(info.token_id) and not store.revoke_token(info.token_id)
+    assert not store.revoke_token("not-a-uuid")
+    assert store.team_for_token(token) is None
+    # A disabled team's token still names it (so the caller hears why it is refused).
+    _, other = store.create_token("store-tokens")
+    store.set_team_disabled("store-tokens", True)
+    disabled = store.team_for_token(other)
+    assert disabled is not None and disabled.disabled
+
+
+def test_usage_counts_per_day_and_quotas_say_who_is_over(db: Db) -> None:
+    store = db.store
+    heavy, light = store.create_team("store-heavy"), store.create_team("store-light")
+    store.set_quotas("store-heavy", TeamQuotas(running_jobs=1, tokens_per_day={"target": 100}))
+    assert store.team("store-heavy").quotas == TeamQuotas(running_jobs=1, tokens_per_day={"target": 100})
+    store.add_usage(heavy.team_id, "target", tokens_in=60, tokens_out=30)
+    store.add_usage(light.team_id, "target", tokens_in=600, tokens_out=300)  # no quota: never over
+    assert store.teams_over_token_quota("target", [heavy.team_id, light.team_id]) == set()
+    store.add_usage(heavy.team_id, "target", tokens_out=10)
+    assert store.usage_today(heavy.team_id)["target"] == {"tokens_in": 60, "tokens_out": 40, "items": 0}
+    assert store.teams_over_token_quota("target", [heavy.team_id, light.team_id]) == {heavy.team_id}
+    assert store.teams_over_token_quota("judge", [heavy.team_id]) == set()
+    job_id = store.create_job("quota", {}, ("rewrite",), team_id=heavy.team_id)
+    assert store.running_jobs_of(heavy.team_id) == 1 and store.running_jobs_of(light.team_id) == 0
+    store.cancel_job(job_id)
+    assert store.running_jobs_of(heavy.team_id) == 0
+
+
+def test_record_outputs_charges_the_jobs_team(db: Db) -> None:
+    store = db.store
+    team = store.create_team("store-charged")
+    job_id = store.create_job("charged", {}, ("rewrite",), team_id=team.team_id)
+    (item,), _ = store.add_items(job_id, [new_item("c", 1)])
+    written = store.record_outputs("rewrite", [StageWrite(item, {"optimized": "o"}, 7, 3, True)])
+    assert written == {item}
+    # A redelivered write charges nothing more.
+    assert store.record_outputs("rewrite", [StageWrite(item, {"optimized": "o"}, 7, 3, True)]) == set()
+    assert store.usage_today(team.team_id)["optimizer"] == {"tokens_in": 7, "tokens_out": 3, "items": 0}
+
+
+# -- progress counters --------------------------------------------------------------------------------------
+
+
+def recount(db: Db, job_id: str) -> dict[str, int]:
+    """What the counters must say, counted from the items themselves."""
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(rewrite), count(*) FILTER (WHERE failed_stage = 'rewrite'), count(answers),"
+            " count(*) FILTER (WHERE failed_stage = 'generate'), count(verdict),"
+            " count(*) FILTER (WHERE failed_stage = 'judge'), count(*) FILTER (WHERE status = 'done'),"
+            " count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'cancelled'),"
+            " (SELECT count(*) FROM rejected_lines WHERE job_id = %s) FROM items WHERE job_id = %s",
+            (job_id, job_id),
+        ).fetchone()
+    assert row is not None
+    names = ("items", "rewrite_done", "rewrite_failed", "generate_done", "generate_failed", "judge_done",
+             "judge_failed", "done", "failed", "cancelled", "rejected")  # fmt: skip
+    return dict(zip(names, (int(v) for v in row), strict=True))
+
+
+def test_progress_counters_match_the_items_through_every_kind_of_change(db: Db) -> None:
+    store = db.store
+    job, items = job_with(store, [f"s{n}" for n in range(12)])
+    store.add_items(job.job_id, [new_item("s0", 1), new_item("extra", 13)])  # one duplicate, one new
+    store.add_rejected_lines(job.job_id, [(20, "not JSON"), (21, "empty"), (20, "not JSON")])
+    writes = [StageWrite(i, {"optimized": "o"}, 1, 1, False) for i in items[:8]]
+    store.record_outputs("rewrite", writes)
+    store.record_outputs("rewrite", writes[:3])  # redelivered: counts nothing
+    store.record_outputs("generate", [StageWrite(i, {"a": 1}, 1, 1, False) for i in items[:6]])
+    store.record_outputs("judge", [StageWrite(i, {"winner": "tie"}, 1, 1, True, {"winner": "tie"}) for i in items[:4]])
+    store.fail_items("generate", [(items[6], "target refused"), (items[0], "already done: not failed")])
+    policy = RetryPolicy(base_delay_s=60, max_delay_s=60, max_attempts=2)
+    store.park_items("rewrite", [(items[8], "down"), (items[9], "down")], policy)
+    store.park_items("rewrite", [(items[8], "still down")], policy)  # gives up: fails
+    expected = recount(db, job.job_id)
+    counts = store.progress_of([job.job_id])[job.job_id]
+    assert {name: getattr(counts, name) for name in expected} == expected
+    assert expected["items"] == 13 and expected["rejected"] == 2 and expected["done"] == 4
+    store.cancel_job(job.job_id)
+    after = recount(db, job.job_id)
+    assert after["cancelled"] == 13 - 4 - 2 and store.progress_of([job.job_id])[job.job_id].cancelled == 7
+    # Folding keeps the sums and leaves one row.
+    for n in range(FOLD_ABOVE):
+        store.add_rejected_lines(job.job_id, [(100 + n, "more")])
+    assert store.fold_progress() >= 1
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        rows_after = conn.execute("SELECT count(*) FROM job_progress WHERE job_id = %s", (job.job_id,)).fetchone()
+    assert rows_after is not None and rows_after[0] == 1
+    folded = store.progress_of([job.job_id])[job.job_id]
+    assert {name: getattr(folded, name) for name in expected} == recount(db, job.job_id)
+    total, stages, finished = store.stage_counts(store.get_job(job.job_id) or job)
+    assert (total, finished) == (13 + 2 + FOLD_ABOVE, 13 + 2 + FOLD_ABOVE)
+    assert [(s.stage, s.done, s.failed) for s in stages] == [("rewrite", 8, 1), ("generate", 6, 1), ("judge", 4, 0)]
+
+
+def test_a_report_summarises_failures_by_reason_within_bounds(db: Db) -> None:
+    store = db.store
+    job, items = job_with(store, [f"f{n}" for n in range(30)], ("rewrite",))
+    store.fail_items("rewrite", [(item, "endpoint refused the prompt") for item in items[:20]])
+    store.fail_items("rewrite", [(item, "prompt too long") for item in items[20:25]])
+    store.add_rejected_lines(job.job_id, [(100, "not JSON")])
+    rows = store.report_rows(job.job_id)
+    assert (rows["failed"], rows["rejected"]) == (26, 1)
+    reasons = [(r["stage"], r["reason"], r["count"], r["lines"]) for r in rows["failure_reasons"]]
+    assert reasons == [
+        ("rewrite", "endpoint refused the prompt", 20, [1, 2, 3, 4, 5]),
+        ("rewrite", "prompt too long", 5, [21, 22, 23, 24, 25]),
+        ("submit", "not JSON", 1, [100]),
+    ]
+    report = build_report(pb.Job(job_id=job.job_id), rows)
+    assert report.failed == 26 and report.rejected == 1 and len(report.failures) == 26
+    assert report.failure_reasons[0].count == 20 and list(report.failure_reasons[0].sample_lines) == [1, 2, 3, 4, 5]

@@ -7,6 +7,7 @@ the session timeout, hence the short session timeout here.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -133,7 +134,7 @@ def test_every_message_is_handled_once_and_committed(settings: KafkaSettings, pr
     assert [m.key for m in later] == ["after"]
 
 
-def test_a_message_that_always_fails_is_dead_lettered_once(settings: KafkaSettings, producer: Producer) -> None:
+def test_poison_is_dead_lettered_once(settings: KafkaSettings, producer: Producer) -> None:
     keys = [f"p{i}" for i in range(9)] + ["poison"]
     fill(producer, settings, keys)
     done: list[str | None] = []
@@ -150,7 +151,7 @@ def test_a_message_that_always_fails_is_dead_lettered_once(settings: KafkaSettin
     )
     assert run(loop) is None
     assert sorted(key or "" for key in done) == keys[:-1]
-    assert attempts == ["poison"] * settings.max_attempts
+    assert attempts == ["poison"]  # poison is not retried: it cannot get better
     assert [(m.key, reason) for m, reason in dead] == [("poison", "RuntimeError: judge returned no verdict")]
 
     letters: list[InboundMessage] = []
@@ -191,3 +192,25 @@ def test_a_batch_in_hand_when_the_stage_dies_is_delivered_again(settings: KafkaS
     assert len(redelivered) == len(set(redelivered))
     assert set(redelivered) == set(keys) - committed
     assert in_hand <= set(redelivered)
+
+
+def test_an_outage_pauses_the_stage_and_the_same_batch_is_retried(settings: KafkaSettings, producer: Producer) -> None:
+    """A handler whose store is down raises: the real consumer pauses its partitions, keeps its group membership
+    for longer than a session timeout, and settles the same messages once the store is back."""
+    keys = [f"o{i}" for i in range(4)]
+    fill(producer, settings, keys)
+    outage_s = settings.session_timeout_ms / 1000 * 1.5
+    started = time.monotonic()
+    done: list[str | None] = []
+
+    def handle(batch: list[InboundMessage]) -> list[MessageFailure]:
+        if time.monotonic() - started < outage_s:
+            raise ConnectionError("postgres unreachable")
+        done.extend(m.key for m in batch)
+        return []
+
+    slow = settings.model_copy(update={"retry_backoff_s": 0.5})
+    loop = stage(slow, producer, handle, group="outage", stop_after=4)
+    assert run(loop) is None
+    assert sorted(key or "" for key in done) == keys
+    assert loop.dead_lettered == 0

@@ -1,18 +1,23 @@
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+from bpo.corpus import formats, json_stream
 from bpo.corpus.formats import (
     BUILTIN_DATASETS,
     CorpusError,
+    CorpusFormat,
+    CorpusLayout,
     CorpusRecord,
     ResultWriter,
     builtin_dataset_path,
     completed_ids,
     count_records,
+    detect_layout,
     read_corpus,
 )
 from bpo.errors import CorpusFormatError
@@ -246,3 +251,152 @@ def test_result_writer_on_a_file_with_only_a_torn_line(tmp_path: Path) -> None:
     with ResultWriter(path) as writer:
         writer.write({"id": "1", "optimized": "x"})
     assert path.read_text(encoding="utf-8") == '{"id": "1", "optimized": "x"}\n'
+
+
+# -- compressed, detected and streamed ----------------------------------------------------------------------
+
+
+def gzip_write(path: Path, text: str) -> Path:
+    path.write_bytes(gzip.compress(text.encode("utf-8")))
+    return path
+
+
+MIXED_JSONL = '{"id": "a", "prompt": "first"}\n{"id": "b", "prompt": \n{"id": "c", "prompt": "third"}\n'
+
+
+def test_gzip_compressed_text_formats(tmp_path: Path) -> None:
+    jsonl = list(read_corpus(gzip_write(tmp_path / "c.jsonl.gz", MIXED_JSONL)))
+    assert [(e.line, type(e)) for e in jsonl] == [(1, CorpusRecord), (2, CorpusError), (3, CorpusRecord)]
+    assert jsonl == list(read_corpus(write(tmp_path / "c.jsonl", MIXED_JSONL)))
+    document = gzip_write(tmp_path / "c.json.gz", json.dumps({"rows": [{"prompt": "p1"}, 3, {"text": "p3"}]}))
+    assert list(read_corpus(document)) == [
+        CorpusRecord(1, "1", "p1", None, None),
+        CorpusError(2, "expected an object, got int"),
+        CorpusRecord(3, "3", "p3", None, None),
+    ]
+    table = gzip_write(tmp_path / "c.csv.gz", "\ufeffid,prompt\nr1,hello\nr2,two,EXTRA\n")
+    assert list(read_corpus(table)) == [
+        CorpusRecord(2, "r1", "hello", None, None),
+        CorpusError(3, "1 more values than the header's columns"),
+    ]
+    assert count_records(table) == 2
+    assert count_records(tmp_path / "c.jsonl.gz") == 3
+    assert count_records(document) is None
+
+
+def test_gzip_is_told_by_its_content_and_plain_text_by_its_own(tmp_path: Path) -> None:
+    # Compressed under a plain name, and plain under a .gz name: the bytes decide.
+    assert len(records(list(read_corpus(gzip_write(tmp_path / "c.jsonl", MIXED_JSONL))))) == 2
+    assert len(records(list(read_corpus(write(tmp_path / "c.jsonl.gz", MIXED_JSONL))))) == 2
+
+
+def test_a_truncated_gzip_stream_ends_the_read_loudly(tmp_path: Path) -> None:
+    lines = "".join(json.dumps({"prompt": f"prompt number {i} " + "x" * (i % 97)}) + "\n" for i in range(20_000))
+    whole = gzip.compress(lines.encode())
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    read: list[CorpusRecord | CorpusError] = []
+    with pytest.raises(CorpusFormatError, match="cannot be read past this point"):
+        read.extend(read_corpus(path))
+    assert 0 < len(read) < 20_000
+    assert errors(read) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        # JSON Lines under a .json name: a whole object on the first line, and more after it.
+        ("lines.json", '{"prompt": "a"}\n{"prompt": "b"}\n', CorpusFormat.JSONL),
+        ("one.json", '{"rows": [{"prompt": "a"}]}\n', CorpusFormat.JSON),
+        ("pretty.json", '{\n  "rows": [{"prompt": "a"}]\n}\n', CorpusFormat.JSON),
+        ("array.txt", ' \n[{"prompt": "a"}]', CorpusFormat.JSON),
+        ("lines.txt", '{"prompt": "a"}', CorpusFormat.JSONL),
+        ("noname", "not json at all\n", CorpusFormat.JSONL),
+        ("array.jsonl", '[{"prompt": "a"}]\n', CorpusFormat.JSONL),  # an explicit JSON Lines name is kept
+        ("table.csv", "[prompt]\nx\n", CorpusFormat.CSV),
+    ],
+)
+def test_format_detection(tmp_path: Path, name: str, text: str, expected: CorpusFormat) -> None:
+    assert detect_layout(write(tmp_path / name, text)) == CorpusLayout(expected, gzipped=False)
+    assert detect_layout(gzip_write(tmp_path / f"{name}.gz", text)) == CorpusLayout(expected, gzipped=True)
+
+
+def test_jsonl_under_a_json_name_is_read_line_by_line(tmp_path: Path) -> None:
+    entries = list(read_corpus(write(tmp_path / "c.json", MIXED_JSONL)))
+    assert [e.line for e in records(entries)] == [1, 3]
+
+
+def test_a_jsonl_line_over_the_size_limit_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "RECORD_SIZE_LIMIT", 64)
+    long_line = json.dumps({"prompt": "y" * 500})
+    path = write(tmp_path / "c.jsonl", f'{{"prompt": "a"}}\n{long_line}\n{{"prompt": "c"}}\n{long_line}')
+    entries = list(read_corpus(path))
+    assert [r.prompt for r in records(entries)] == ["a", "c"]
+    assert errors(entries) == [CorpusError(2, "line longer than 64 bytes"), CorpusError(4, "line longer than 64 bytes")]
+    assert count_records(path) == 4
+
+
+def test_json_document_is_streamed_record_by_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunks far smaller than records: every record, string and number spans chunk boundaries.
+    monkeypatch.setattr(json_stream, "CHUNK_CHARS", 7)
+    rows = [{"prompt": f"prompt {i} " + "é" * i, "id": 10**i, "context": None} for i in range(12)]
+    path = write(tmp_path / "c.json", json.dumps({"meta": {"n": [1, 2]}, "rows": rows, "tail": 12345678901}, indent=1))
+    assert [(r.id, r.prompt) for r in records(list(read_corpus(path)))] == [
+        (str(row["id"]), row["prompt"]) for row in rows
+    ]
+
+
+def test_json_records_before_a_syntax_error_are_read(tmp_path: Path) -> None:
+    text = "[\n" + ",\n".join(json.dumps({"prompt": f"p{i}"}) for i in range(3)) + ',\n{"prompt": oops}\n]'
+    read: list[CorpusRecord | CorpusError] = []
+    with pytest.raises(CorpusFormatError, match="invalid JSON at line 5, column 12: Expecting value"):
+        read.extend(read_corpus(write(tmp_path / "c.json", text)))
+    assert [r.prompt for r in records(read)] == ["p0", "p1", "p2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "line 1, column 1: Expecting value"),
+        ('[{"prompt": "a"} {"prompt": "b"}]', "Expecting ',' delimiter"),
+        ('[{"prompt": "a"}] extra', "Extra data after the document"),
+        ('{"rows": [], 3: []}', "Expecting property name enclosed in double quotes"),
+        ('{"rows" []}', "Expecting ':' delimiter"),
+        ('[{"prompt": "a"', "Expecting ',' delimiter"),
+        ('["unterminated', "Unterminated string"),
+        ('"a string"', "expected a JSON array of records"),
+        ('{"a": 1}', "exactly one list"),
+    ],
+)
+def test_malformed_json_documents(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(CorpusFormatError, match=message):
+        list(read_corpus(write(tmp_path / "c.json", text)))
+
+
+def test_a_json_record_over_the_size_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(json_stream, "CHUNK_CHARS", 16)
+    monkeypatch.setattr(formats, "RECORD_SIZE_LIMIT", 100)
+    path = write(tmp_path / "c.json", json.dumps([{"prompt": "ok"}, {"prompt": "z" * 1000}]))
+    read: list[CorpusRecord | CorpusError] = []
+    with pytest.raises(CorpusFormatError, match="a record longer than 100 characters"):
+        read.extend(read_corpus(path))
+    assert [r.prompt for r in records(read)] == ["ok"]
+
+
+def test_text_that_is_not_utf8_in_a_document_or_table(tmp_path: Path) -> None:
+    document = tmp_path / "c.json"
+    document.write_bytes(b'[{"prompt": "\xff"}]')
+    with pytest.raises(CorpusFormatError, match="not valid UTF-8"):
+        list(read_corpus(document))
+    table = tmp_path / "c.csv"
+    table.write_bytes(b"prompt\nfine\n\xff\n")
+    with pytest.raises(CorpusFormatError, match="not valid UTF-8"):
+        list(read_corpus(table))
+
+
+def test_json_nested_too_deeply_fails_its_line_or_ends_its_document(tmp_path: Path) -> None:
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    entries = list(read_corpus(write(tmp_path / "c.jsonl", f'{deep}\n{{"prompt": "fine"}}\n')))
+    assert entries == [CorpusError(1, "invalid JSON: nested too deeply"), CorpusRecord(2, "2", "fine", None, None)]
+    with pytest.raises(CorpusFormatError, match="nested too deeply"):
+        list(read_corpus(write(tmp_path / "c.json", f"[{deep}]")))

@@ -52,8 +52,8 @@ def test_truncated_output() -> None:
         "Give me 3 tips for a job interview in 2024. Reply with the improved prompt only.",
     ],
 )
-def test_template_copy(rewrite: str) -> None:
-    assert check(rewrite) is FallbackReason.TEMPLATE_COPY
+def test_template_copy_is_leaked_framing(rewrite: str) -> None:
+    assert check(rewrite) is FallbackReason.FRAMING_LEAKED
 
 
 @pytest.mark.parametrize(
@@ -125,6 +125,30 @@ def test_markers_are_neither_numbers_nor_content() -> None:
 
 def test_numbers() -> None:
     assert numbers("Version 1.2.3 has 1,000 items, x2 and 50% of [PASSAGE 2].") == {"1.2.3", "1,000", "50"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A number runs into a unit or suffix, or into Chinese, and is still a number.
+        ("How amazing would 100k context be?", {"100"}),
+        ("Music of the 1980s", {"1980"}),
+        ("比较一下iPhone 15和华为Mate 60的优缺点", {"15", "60"}),
+        ("我有3个苹果", {"3"}),
+        ("A 3.5GHz or a 3.5 GHz chip", {"3.5"}),
+        # After an ASCII letter, digit, underscore or dot it continues a name, kept by the entity guard.
+        ("Compare GPT4, x86 and v2 with .5", set()),
+        ("x1,200", {"200"}),
+    ],
+)
+def test_numbers_next_to_letters(text: str, expected: set[str]) -> None:
+    assert numbers(text) == expected
+
+
+def test_a_number_with_a_suffix_must_be_kept() -> None:
+    original = "How amazing would 100k context be in a transformer?"
+    assert check("How useful would a very long context be in a transformer?", original) is FallbackReason.DROPPED_FACTS
+    assert check("How useful would a 100k-token context be in a transformer?", original) is None
 
 
 def test_content_words_drop_stopwords_and_case() -> None:

@@ -14,12 +14,22 @@ pytestmark = pytest.mark.unit
 def report(
     state: pb.JobState.ValueType, items: int, failures: list[tuple[str, pb.Stage.ValueType, str]]
 ) -> pb.JobReport:
-    """``failures``: (item id, stage, reason); an empty item id is a corpus line rejected at submission."""
+    """``failures``: (item id, stage, reason); an empty item id is a corpus line rejected at submission. The
+    reasons are summarised as the store does: by (stage, reason), most frequent first, then by first line."""
+    lines: dict[tuple[pb.Stage.ValueType, str], list[int]] = {}
+    for line, (_, stage, reason) in enumerate(failures):
+        lines.setdefault((stage, reason), []).append(line)
+    ranked = sorted(lines.items(), key=lambda entry: (-len(entry[1]), entry[1][0]))
     return pb.JobReport(
         job=pb.Job(job_id="j1", spec=pb.JobSpec(name="eval/vicuna"), state=state),
         items=items,
         failed=len(failures),
+        rejected=sum(1 for item_id, _, _ in failures if not item_id),
         failures=[pb.ItemFailure(item_id=i, stage=s, reason=r, line=n) for n, (i, s, r) in enumerate(failures)],
+        failure_reasons=[
+            pb.FailureReason(stage=stage, reason=reason, count=len(at), sample_lines=at[:5])
+            for (stage, reason), at in ranked
+        ],
     )
 
 

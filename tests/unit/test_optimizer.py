@@ -153,7 +153,7 @@ async def test_max_tokens_is_limited_by_the_room_left() -> None:
     [
         (Reply("I'm sorry, but I can't help with job interview tips."), "refusal"),
         (Reply("   "), "empty_output"),
-        (Reply("You are an expert prompt engineer. Give me 3 tips for a job interview."), "template_copy"),
+        (Reply("You are an expert prompt engineer. Give me 3 tips for a job interview."), "framing_leaked"),
         (Reply("[INST] Give me 3 tips for a job interview. [/INST]"), "empty_output"),
         (Reply(TIPS_1, finish_reason="length"), "truncated"),
         (

@@ -25,7 +25,7 @@ from bpo.models.catalogue import PromptStyle
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, RewriteFailure, RewriteResult
 from bpo.settings import BpoSettings
 from services.optimizer_worker.app import EngineHolder, LoadedModel, make_celery_app, queue_for_model, route_task
-from services.optimizer_worker.client import OptimizerWorkersClient, decode_entries
+from services.optimizer_worker.client import OptimizerWorkersClient, batch_task_id, decode_entries
 from services.optimizer_worker.metrics import WorkerMetrics
 from services.optimizer_worker.settings import WorkerSettings
 from services.optimizer_worker.tasks import OPTIMIZE_BATCH_TASK, parse_params, retry_delay_s
@@ -431,7 +431,11 @@ class ScriptedApp:
         self.backend = ScriptedBackend(stored or {})
         self.steps = steps
         self.sent: list[dict[str, Any]] = []
+        self.results: dict[str, ScriptedResult] = {}
         self.broker_down = False
+
+    def AsyncResult(self, task_id: str) -> ScriptedResult:  # noqa: N802 - Celery's name
+        return self.results[task_id]
 
     def send_task(self, name: str, kwargs: dict[str, Any], queue: str, task_id: str | None) -> ScriptedResult:
         if self.broker_down:
@@ -474,7 +478,30 @@ async def test_client_raises_unavailable_when_no_worker_answers_in_time() -> Non
         await client.optimize_batch(MODEL, OptimizeParams(), INPUTS)
     client.close()
     assert asyncio.get_running_loop().time() - started < 2
-    assert app.backend.released == ["generated-id"]
+    # The task id is derived from the batch: the same batch sent again gets the same id.
+    (sent,) = app.sent
+    assert app.backend.released == [sent["task_id"]]
+    assert sent["task_id"] == batch_task_id(sent["kwargs"])
+
+
+def test_a_batch_task_id_is_the_batch_itself() -> None:
+    kwargs = {"model": MODEL, "params": OptimizeParams(seed=1).as_dict(), "items": [{"prompt": PARIS, "context": None}]}
+    assert batch_task_id(kwargs) == batch_task_id(dict(kwargs))
+    other = kwargs | {"items": [{"prompt": PARIS, "context": "x"}]}
+    assert batch_task_id(other) != batch_task_id(kwargs)
+
+
+async def test_a_batch_still_running_is_awaited_not_sent_again() -> None:
+    kwargs = {"model": MODEL, "params": OptimizeParams().as_dict(),
+              "items": [{"prompt": i.prompt, "context": i.context} for i in INPUTS]}  # fmt: skip
+    running = batch_task_id(kwargs)
+    app = ScriptedApp([("SUCCESS", ENTRIES)], stored={running: {"status": "STARTED", "result": None}})
+    app.results = {running: ScriptedResult(running, [("SUCCESS", ENTRIES)])}
+    client = OptimizerWorkersClient(app, timeout_s=5, wait_slice_s=0.01)
+    outcomes = await client.optimize_batch(MODEL, OptimizeParams(), INPUTS)
+    client.close()
+    assert isinstance(outcomes[0], RewriteResult)
+    assert app.sent == []
 
 
 async def test_client_raises_unavailable_when_the_broker_is_down() -> None:

@@ -46,7 +46,7 @@ def always(text: str) -> Callable[[GenerationRequest], str]:
 
 
 def test_pair_v2_renders_the_papers_system_and_user_turns() -> None:
-    judge = PairwiseJudge(ScriptedEngine(always("")))
+    judge = PairwiseJudge(ScriptedEngine(always("")), "pair-v2")
     system, user = judge.messages_for(QUESTION, GOOD, BAD)
     assert system.role == "system" and system.content == PAIR_V2["system_prompt"]
     assert user.role == "user"
@@ -80,7 +80,7 @@ def test_ranking_template_drops_the_human_assistant_framing() -> None:
 
 def test_unknown_template_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown judge template"):
-        PairwiseJudge(ScriptedEngine(always("")), template="pair-v1")  # type: ignore[arg-type]
+        PairwiseJudge(ScriptedEngine(always("")), template="pair-v1")
 
 
 # -- batch composition ---------------------------------------------------------------------------------------

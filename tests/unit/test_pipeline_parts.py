@@ -4,17 +4,19 @@ cached rewriter and the shared stage logic, against in-memory stand-ins for the 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import threading
-from collections.abc import Iterator, Sequence
+import time
+import uuid
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
-from bpo.engines.registry import EndpointKey
-from bpo.errors import InvalidConfigurationError, JobNotFoundError
+from bpo.errors import BpoError, EngineUnavailableError, InvalidConfigurationError, JobNotFoundError
 from bpo.messages import (
     from_json,
     params_from_proto,
@@ -26,13 +28,21 @@ from bpo.messages import (
 )
 from bpo.metrics import PlatformMetrics
 from bpo.optimizer.optimizer import OptimizeParams, PromptInput, RewriteFailure, RewriteResult
-from bpo.pipeline.jobspec import JobLookup, ResolvedJob, endpoint_key, resolve, stages_of
+from bpo.pipeline.jobspec import JobLookup, ResolvedJob, endpoint_name, resolve, stages_of
 from bpo.pipeline.report import build_report
 from bpo.pipeline.rewriting import CachedRewriter, ModelVersion, ModelVersions
-from bpo.pipeline.stage import PermanentItemError, Stage, StageContext, Work
+from bpo.pipeline.stage import (
+    Done,
+    Outcome,
+    PermanentItemError,
+    PoisonMessageError,
+    Stage,
+    StageContext,
+    Work,
+)
 from bpo.settings import PlatformSettings
-from bpo.store.repository import JobRow, PipelineStore
-from bpo.streaming.kafka import InboundMessage
+from bpo.store.repository import JobRow, Parked, PipelineStore, RetryPolicy, StageWrite
+from bpo.streaming.kafka import InboundMessage, OutboundMessage, PublishedRecord, PublishError
 from bpo.v1 import bpo_pb2 as pb
 
 pytestmark = pytest.mark.unit
@@ -176,19 +186,9 @@ def test_stages_of_rejects_gaps_duplicates_and_unknowns(stages: list[pb.Stage.Va
         stages_of(pb.JobSpec(stages=stages))
 
 
-def test_endpoint_key() -> None:
-    assert endpoint_key(pb.ModelEndpoint(), "llamacpp", "small") == EndpointKey("llamacpp", "small")
-    remote = endpoint_key(
-        pb.ModelEndpoint(
-            base_url="http://h/v1", model="gpt", api_key_env="KEY", max_concurrency=4, requests_per_second=2.5
-        ),
-        "llamacpp",
-        "small",
-    )
-    assert remote == EndpointKey("openai", "gpt", "http://h/v1", "KEY", 4, 2.5)
-    assert endpoint_key(pb.ModelEndpoint(engine="vllm"), "llamacpp", "small") == EndpointKey("vllm", "small")
-    with pytest.raises(InvalidConfigurationError, match="unknown engine 'tensorrt'"):
-        endpoint_key(pb.ModelEndpoint(engine="tensorrt"), "llamacpp", "small")
+def test_endpoint_name_is_the_declared_name_or_the_default() -> None:
+    assert endpoint_name(pb.ModelEndpoint(), "small") == "small"
+    assert endpoint_name(pb.ModelEndpoint(model="gpt-4o-mini", max_new_tokens=50), "small") == "gpt-4o-mini"
 
 
 def job_row(
@@ -206,7 +206,7 @@ def test_resolve_fills_the_platform_defaults() -> None:
         ("rewrite", "generate"),
         True,
     )
-    assert plain.target == EndpointKey("llamacpp", "target") and plain.judge == EndpointKey("llamacpp", "judge")
+    assert (plain.target, plain.judge) == ("target", "judge")
     assert (plain.target_max_new_tokens, plain.judge_max_new_tokens) == (256, 384)
     assert plain.next_stage("rewrite") == "generate" and plain.next_stage("generate") is None
     assert plain.is_last("generate") and not plain.is_last("rewrite")
@@ -214,28 +214,28 @@ def test_resolve_fills_the_platform_defaults() -> None:
     spec = pb.JobSpec(
         optimizer_model="other",
         params=pb.OptimizeParams(rounds=2),
-        target=pb.ModelEndpoint(base_url="http://h/v1", model="gpt", max_new_tokens=50),
+        target=pb.ModelEndpoint(model="gpt", max_new_tokens=50),
     )
     custom = resolve(job_row(spec=spec, state="cancelled"), platform)
-    assert (custom.optimizer_model, custom.params.rounds, custom.target.engine, custom.target_max_new_tokens) == (
+    assert (custom.optimizer_model, custom.params.rounds, custom.target, custom.target_max_new_tokens) == (
         "other",
         2,
-        "openai",
+        "gpt",
         50,
     )
     assert not custom.active
 
 
 class CountingJobs(PipelineStore):
-    """Only ``get_job``, counting the calls (no pool: nothing here reaches Postgres)."""
+    """Only ``jobs_by_ids``, counting the calls (no pool: nothing here reaches Postgres)."""
 
     def __init__(self, *rows: JobRow) -> None:
         self.rows = {row.job_id: row for row in rows}
         self.calls = 0
 
-    def get_job(self, job_id: str) -> JobRow | None:
+    def jobs_by_ids(self, job_ids: Sequence[str]) -> dict[str, JobRow]:
         self.calls += 1
-        return self.rows.get(job_id)
+        return {job_id: self.rows[job_id] for job_id in job_ids if job_id in self.rows}
 
 
 def test_job_lookup_caches_briefly_and_reports_unknown_jobs() -> None:
@@ -250,6 +250,10 @@ def test_job_lookup_caches_briefly_and_reports_unknown_jobs() -> None:
     assert store.calls == 3
     with pytest.raises(JobNotFoundError):
         cached.get(CANCELLED_JOB_ID)
+    # A batch's jobs: one query for those not cached.
+    calls = store.calls
+    assert set(cached.get_many([JOB_ID, CANCELLED_JOB_ID, JOB_ID])) == {JOB_ID}
+    assert store.calls == calls + 1
 
 
 # -- reports ------------------------------------------------------------------------------------------------
@@ -277,7 +281,7 @@ def report_rows(
         "judge_in": 5,
         "judge_out": 6,
     }
-    return {"totals": totals, "categories": [], "failures": []}
+    return {"totals": totals, "categories": [], "failures": [], "failure_reasons": [], "failed": 0, "rejected": 0}
 
 
 def test_build_report_rates_and_delta_wr() -> None:
@@ -291,6 +295,11 @@ def test_build_report_rates_and_delta_wr() -> None:
         {"item_id": "i9", "source_id": "s9", "line": 9, "stage": "judge", "reason": "judge down"},
         {"item_id": "", "source_id": "", "line": 11, "stage": "submit", "reason": "not JSON"},
     ]
+    rows["failure_reasons"] = [
+        {"stage": "judge", "reason": "judge down", "count": 1, "lines": [9]},
+        {"stage": "submit", "reason": "not JSON", "count": 1, "lines": [11]},
+    ]
+    rows["failed"], rows["rejected"] = 2, 1
     report = build_report(pb.Job(job_id=JOB_ID), rows)
     assert report.job.job_id == JOB_ID
     assert (report.judged, report.wins, report.ties, report.losses, report.failed) == (10, 6, 1, 3, 2)
@@ -310,6 +319,11 @@ def test_build_report_rates_and_delta_wr() -> None:
     assert [(f.item_id, f.line, f.stage, f.reason) for f in report.failures] == [
         ("i9", 9, pb.STAGE_JUDGE, "judge down"),
         ("", 11, pb.STAGE_UNSPECIFIED, "not JSON"),
+    ]
+    assert report.rejected == 1
+    assert [(r.stage, r.reason, r.count, list(r.sample_lines)) for r in report.failure_reasons] == [
+        (pb.STAGE_JUDGE, "judge down", 1, [9]),
+        (pb.STAGE_UNSPECIFIED, "not JSON", 1, [11]),
     ]
 
 
@@ -342,12 +356,20 @@ class MemoryStore(PipelineStore):
         self.cache: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.items: dict[str, dict[str, Any]] = {}
         self.finish_checks: list[str] = []
+        self.over_quota: set[tuple[str, str]] = set()
+        self.down = False
 
-    def cached_rewrite(self, prompt_hash: str, model_version: str, params_hash: str) -> dict[str, Any] | None:
-        return self.cache.get((prompt_hash, model_version, params_hash))
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("postgres unreachable")
 
-    def cache_rewrite(self, prompt_hash: str, model_version: str, params_hash: str, rewrite: dict[str, Any]) -> None:
-        self.cache.setdefault((prompt_hash, model_version, params_hash), rewrite)
+    def cached_rewrites(self, prompt_hashes: Sequence[str], model_version: str, params_hash: str) -> dict[str, Any]:
+        found = {h: self.cache.get((h, model_version, params_hash)) for h in prompt_hashes}
+        return {h: rewrite for h, rewrite in found.items() if rewrite is not None}
+
+    def cache_rewrites(self, model_version: str, params_hash: str, entries: Mapping[str, dict[str, Any]]) -> None:
+        for key, rewrite in entries.items():
+            self.cache.setdefault((key, model_version, params_hash), rewrite)
 
     def add(self, item_id: str, *, job_id: str = JOB_ID, status: str = "pending", rewrite: str | None = None) -> None:
         stored = to_json(pb.Rewrite(optimized=rewrite)) if rewrite is not None else None
@@ -358,39 +380,58 @@ class MemoryStore(PipelineStore):
             "rewrite": stored,
             "failed_stage": None,
             "error": None,
+            "attempts": 0,
+            "retry_at": None,
         }
 
-    def get_item(self, item_id: str) -> dict[str, Any] | None:
-        row = self.items.get(item_id)
-        return dict(row) if row is not None else None
+    def items_by_ids(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        self._check()
+        return {i: dict(self.items[i]) for i in item_ids if i in self.items}
 
-    def record_rewrite(
-        self,
-        item_id: str,
-        rewrite: dict[str, Any],
-        *,
-        tokens_in: int,
-        tokens_out: int,
-        cache_hit: bool,
-        fallback_reason: str | None,
-        final: bool,
-    ) -> bool:
-        row = self.items[item_id]
-        if row["rewrite"] is not None or row["status"] in ("failed", "cancelled"):
-            return False
-        row.update(rewrite=rewrite, status="done" if final else "rewritten")
-        return True
+    def record_outputs(self, stage: str, writes: Sequence[StageWrite]) -> set[str]:
+        self._check()
+        written = set()
+        for write in writes:
+            row = self.items[write.item_id]
+            if row["rewrite"] is not None or row["status"] in ("failed", "cancelled"):
+                continue
+            row.update(rewrite=write.output, status="done" if write.final else "rewritten", attempts=0)
+            written.add(write.item_id)
+        return written
 
-    def mark_failed(self, item_id: str, stage: str, reason: str) -> bool:
-        row = self.items.get(item_id)
-        if row is None or row["status"] not in ("pending", "rewritten", "answered"):
-            return False
-        row.update(status="failed", failed_stage=stage, error=reason)
-        return True
+    def fail_items(self, stage: str, failures: Sequence[tuple[str, str]]) -> set[str]:
+        failed = set()
+        for item_id, reason in failures:
+            row = self.items.get(item_id)
+            if row is None or row["status"] not in ("pending", "rewritten", "answered"):
+                continue
+            row.update(status="failed", failed_stage=stage, error=reason)
+            failed.add(item_id)
+        return failed
 
-    def finish_job_if_complete(self, job_id: str) -> bool:
-        self.finish_checks.append(job_id)
-        return False
+    def park_items(self, stage: str, failures: Sequence[tuple[str, str]], policy: RetryPolicy) -> Parked:
+        parked, gave_up = [], []
+        for item_id, reason in failures:
+            row = self.items[item_id]
+            row["attempts"] += 1
+            if row["attempts"] >= policy.max_attempts:
+                row.update(status="failed", failed_stage=stage, error=f"gave up after {row['attempts']}: {reason}")
+                gave_up.append(item_id)
+            else:
+                row.update(retry_at="later", error=None, last_error=reason)
+                parked.append(item_id)
+        return Parked(parked, gave_up)
+
+    def finish_jobs_if_complete(self, job_ids: Sequence[str]) -> list[str]:
+        self.finish_checks.extend(job_ids)
+        return []
+
+    def teams_over_token_quota(self, role: str, team_ids: Sequence[str]) -> set[str]:
+        return {team_id for team_id in team_ids if (team_id, role) in self.over_quota}
+
+    def defer_items(self, item_ids: Sequence[str], until: datetime, reason: str) -> None:
+        for item_id in item_ids:
+            self.items[item_id].update(retry_at=until, last_error=reason)
 
 
 class FixedVersions(ModelVersions):
@@ -539,29 +580,34 @@ class StaticJobs(JobLookup):
     def __init__(self, *jobs: ResolvedJob) -> None:  # no store: jobs are given
         self.jobs = {job.job_id: job for job in jobs}
 
-    def get(self, job_id: str) -> ResolvedJob:
-        if job_id not in self.jobs:
-            raise JobNotFoundError(f"job {job_id} not found")
-        return self.jobs[job_id]
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, ResolvedJob | BpoError]:
+        return {job_id: self.jobs[job_id] for job_id in job_ids if job_id in self.jobs}
 
 
 def resolved(job_id: str, *, stages: tuple[str, ...] = ALL, state: str = "running") -> ResolvedJob:
-    endpoint = EndpointKey("llamacpp", "m")
+    endpoint = "m"
     return ResolvedJob(job_id, state, stages, "opt", OptimizeParams(), endpoint, 256, endpoint, 384)
 
 
+def uid(name: str) -> str:
+    """A readable item id that is a UUID, as item ids on the topics must be."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, name))
+
+
 class ToyStage(Stage[pb.PromptItem]):
-    """A rewrite stage whose "rewrite" upper-cases the prompt; prompts in ``errors`` fail with that error."""
+    """A rewrite stage whose "rewrite" upper-cases the prompt; prompts in ``errors`` fail with that error, prompts in
+    ``hang`` never finish; items are grouped by their prompt's first word (so a group fails alone)."""
 
     name = "rewrite"
+    role = "optimizer"
     message_type = pb.PromptItem
 
     def __init__(
-        self, ctx: StageContext, *, errors: dict[str, Exception] | None = None, batch_error: Exception | None = None
+        self, ctx: StageContext, *, errors: dict[str, Exception] | None = None, hang: set[str] | None = None
     ) -> None:
         super().__init__(ctx)
         self.errors = errors or {}
-        self.batch_error = batch_error
+        self.hang = hang or set()
         self.processed: list[str] = []
 
     def item_of(self, payload: pb.PromptItem) -> pb.PromptItem:
@@ -571,28 +617,24 @@ class ToyStage(Stage[pb.PromptItem]):
         stored = row.get("rewrite")
         return from_json(stored, pb.Rewrite) if isinstance(stored, dict) else None
 
-    async def process(self, work: Sequence[Work[pb.PromptItem]]) -> list[tuple[Work[pb.PromptItem], Exception]]:
-        if self.batch_error is not None:
-            raise self.batch_error
-        failures: list[tuple[Work[pb.PromptItem], Exception]] = []
-        for w in work:
+    def endpoint_of(self, job: ResolvedJob) -> str:
+        return job.optimizer_model
+
+    def group_key(self, work: Work[pb.PromptItem]) -> Hashable:
+        return work.payload.prompt.split(" ")[0]
+
+    async def run_group(self, members: Sequence[Work[pb.PromptItem]]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for w in members:
             self.processed.append(w.item_id)
+            if w.payload.prompt in self.hang:
+                await asyncio.sleep(3600)
             if w.payload.prompt in self.errors:
-                failures.append((w, self.errors[w.payload.prompt]))
-                continue
+                raise self.errors[w.payload.prompt]
             output = pb.Rewrite(item=w.payload, optimized=w.payload.prompt.upper())
-            write = functools.partial(
-                self.ctx.store.record_rewrite,
-                w.item_id,
-                to_json(output),
-                tokens_in=1,
-                tokens_out=1,
-                cache_hit=False,
-                fallback_reason=None,
-                final=w.job.is_last(self.name),
-            )
-            await asyncio.to_thread(self.write_once_and_forward, w, output, write)
-        return failures
+            write = StageWrite(w.item_id, to_json(output), 1, 1, w.job.is_last(self.name))
+            outcomes.append(Done(output, write))
+        return outcomes
 
 
 @pytest.fixture(scope="module")
@@ -608,19 +650,33 @@ def stage_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 class Harness:
-    def __init__(self, loop: asyncio.AbstractEventLoop, *jobs: ResolvedJob) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *jobs: ResolvedJob, deadline_s: float = 5.0) -> None:
         self.store = MemoryStore()
         self.metrics = PlatformMetrics()
-        self.published: list[tuple[str, str, bytes]] = []
+        self.published: list[OutboundMessage] = []
+        self.refuse: dict[str, PublishError] = {}
         self.ctx = StageContext(
             store=self.store,
             jobs=StaticJobs(*(jobs or (resolved(JOB_ID),))),
-            publish=lambda topic, key, value: self.published.append((topic, key, value)),
+            publish_many=self._publish,
             topic=lambda name: f"t.{name}",
             metrics=self.metrics,
             loop=loop,
+            retry=RetryPolicy(base_delay_s=1, max_delay_s=10, max_attempts=3),
+            batch_deadline_s=deadline_s,
         )
         self.offset = 0
+
+    def _publish(self, messages: Sequence[OutboundMessage]) -> list[PublishedRecord | PublishError]:
+        results: list[PublishedRecord | PublishError] = []
+        for message in messages:
+            refused = self.refuse.get(message.key or "")
+            if refused is not None:
+                results.append(refused)
+                continue
+            self.published.append(message)
+            results.append(PublishedRecord(message.topic, 0, len(self.published)))
+        return results
 
     def message(self, item_id: str, prompt: str = "", *, job_id: str = JOB_ID) -> InboundMessage:
         payload = pb.PromptItem(item_id=item_id, job_id=job_id, prompt=prompt or f"prompt {item_id}")
@@ -630,8 +686,8 @@ class Harness:
         self.offset += 1
         return InboundMessage("t.prompts", 0, self.offset, None, value)
 
-    def forwarded(self) -> list[tuple[str, str, str]]:
-        return [(topic, key, pb.Rewrite.FromString(value).optimized) for topic, key, value in self.published]
+    def forwarded(self) -> list[tuple[str, str | None, str]]:
+        return [(m.topic, m.key, pb.Rewrite.FromString(m.value).optimized) for m in self.published]
 
     def count(self, outcome: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -640,122 +696,180 @@ class Harness:
         return value or 0.0
 
 
+A, B, C = uid("a"), uid("b"), uid("c")
+
+
 def test_handle_writes_once_and_forwards(stage_loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(stage_loop, resolved(JOB_ID, stages=("rewrite",)))
-    h.store.add("a")
-    h.store.add("b")
+    h.store.add(A)
+    h.store.add(B)
     stage = ToyStage(h.ctx)
-    assert stage.handle([h.message("a", "tides"), h.message("b", "rivers")]) == []
-    assert h.forwarded() == [("t.rewrites", "a", "TIDES"), ("t.rewrites", "b", "RIVERS")]
-    assert [h.store.items[i]["status"] for i in ("a", "b")] == ["done", "done"]  # the last stage: final writes
-    assert h.store.finish_checks == [JOB_ID, JOB_ID]
-    assert h.count("processed") == 2
+    assert stage.handle([h.message(A, "tides"), h.message(B, "rivers")]) == []
+    assert h.forwarded() == [("t.rewrites", A, "TIDES"), ("t.rewrites", B, "RIVERS")]
+    assert [h.store.items[i]["status"] for i in (A, B)] == ["done", "done"]  # the last stage: final writes
+    assert h.store.finish_checks == [JOB_ID]  # one completion check for the batch
+    assert h.count("done") == 2
 
 
-def test_undecodable_message_fails_alone(stage_loop: asyncio.AbstractEventLoop) -> None:
+def test_a_team_over_its_token_quota_waits_and_others_go_on(stage_loop: asyncio.AbstractEventLoop) -> None:
+    heavy = replace(resolved(JOB_ID, stages=("rewrite",)), team="heavy", team_id="t-heavy")
+    light_job = "55555555-5555-5555-5555-555555555555"
+    light = replace(resolved(light_job, stages=("rewrite",)), team="light", team_id="t-light")
+    h = Harness(stage_loop, heavy, light)
+    h.store.add(A)
+    h.store.add(B, job_id=light_job)
+    h.store.over_quota = {("t-heavy", "optimizer"), ("t-light", "target")}  # light's *target* quota: not this role
+    stage = ToyStage(h.ctx)
+    assert stage.handle([h.message(A, "tides"), h.message(B, "rivers", job_id=light_job)]) == []
+    assert stage.processed == [B] and h.forwarded() == [("t.rewrites", B, "RIVERS")]
+    held = h.store.items[A]
+    assert held["status"] == "pending" and held["attempts"] == 0  # waiting costs no attempt
+    assert held["retry_at"] > datetime.now(UTC) and "tokens_per_day.optimizer of team 'heavy'" in held["last_error"]
+    assert h.count("deferred") == 1
+    spent = h.metrics.registry.get_sample_value(
+        "bpo_team_tokens_total", {"team": "light", "role": "optimizer", "direction": "in"}
+    )
+    assert spent == 1
+
+
+def test_poison_is_returned_for_the_dead_letter_topic(stage_loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(stage_loop)
-    h.store.add("a")
+    h.store.add(A)
     stage = ToyStage(h.ctx)
     garbage = h.raw(b"\x0a\xff")
-    failures = stage.handle([garbage, h.message("a")])
-    assert [(f.message, type(f.error)) for f in failures] == [(garbage, DecodeError)]
-    assert [key for _, key, _ in h.published] == ["a"]
-    # Dead-lettering it later cannot name an item: nothing is marked failed and nothing raises.
-    stage.on_dead_letter(garbage, "undecodable")
-    assert h.store.items["a"]["status"] == "rewritten"
+    not_uuids = h.message("not-a-uuid", job_id="also-not")
+    unknown_job = h.message(B, job_id="44444444-4444-4444-4444-444444444444")
+    never_stored = h.message(C)
+    failures = stage.handle([garbage, not_uuids, unknown_job, never_stored, h.message(A)])
+    assert [f.message for f in failures] == [garbage, not_uuids, unknown_job, never_stored]
+    assert all(isinstance(f.error, PoisonMessageError) for f in failures)
+    assert ["not a PromptItem" in str(failures[0].error), "UUIDs" in str(failures[1].error)] == [True, True]
+    assert "no such job" in str(failures[2].error) and "no such item" in str(failures[3].error)
+    assert [m.key for m in h.published] == [A]
+    # Dead-lettering what names no item marks nothing and raises nothing.
+    for failure in failures:
+        stage.on_dead_letter(failure.message, str(failure.error))
+    assert h.store.items[A]["status"] == "rewritten"
 
 
 def test_items_of_cancelled_jobs_and_finished_items_are_skipped(stage_loop: asyncio.AbstractEventLoop) -> None:
-    h = Harness(
-        stage_loop,
-        resolved(JOB_ID),
-        resolved(CANCELLED_JOB_ID, state="cancelled"),
-        resolved("33333333-3333-3333-3333-333333333333", stages=()),
-    )
-    h.store.add("of-cancelled-job", job_id=CANCELLED_JOB_ID)
-    h.store.add("cancelled-item", status="cancelled")
-    h.store.add("failed-item", status="failed")
+    other = "33333333-3333-3333-3333-333333333333"
+    h = Harness(stage_loop, resolved(JOB_ID), resolved(CANCELLED_JOB_ID, state="cancelled"), resolved(other, stages=()))
+    of_cancelled, cancelled, failed, not_its_stage = uid("1"), uid("2"), uid("3"), uid("4")
+    h.store.add(of_cancelled, job_id=CANCELLED_JOB_ID)
+    h.store.add(cancelled, status="cancelled")
+    h.store.add(failed, status="failed")
+    h.store.add(not_its_stage, job_id=other)
     stage = ToyStage(h.ctx)
     messages = [
-        h.message("of-cancelled-job", job_id=CANCELLED_JOB_ID),
-        h.message("cancelled-item"),
-        h.message("failed-item"),
-        h.message("never-stored"),
-        h.message("not-a-stage-of-its-job", job_id="33333333-3333-3333-3333-333333333333"),
+        h.message(of_cancelled, job_id=CANCELLED_JOB_ID),
+        h.message(cancelled),
+        h.message(failed),
+        h.message(not_its_stage, job_id=other),
     ]
     assert stage.handle(messages) == []
     assert stage.processed == [] and h.published == []
-    assert h.store.items["of-cancelled-job"]["status"] == "pending"
-    assert h.count("skipped") == 5
+    assert h.store.items[of_cancelled]["status"] == "pending"
+    assert h.count("skipped") == 4
 
 
 def test_stored_output_is_forwarded_not_recomputed(stage_loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(stage_loop, resolved(JOB_ID, stages=("rewrite",)))
-    h.store.add("a", status="done", rewrite="written by the first delivery")
+    h.store.add(A, status="done", rewrite="written by the first delivery")
     stage = ToyStage(h.ctx)
-    assert stage.handle([h.message("a", "tides")]) == []
+    assert stage.handle([h.message(A, "tides"), h.message(A, "tides")]) == []
     assert stage.processed == []
-    assert h.forwarded() == [("t.rewrites", "a", "written by the first delivery")]
-    assert h.store.finish_checks == [JOB_ID]
-    assert h.count("redelivered") == 1
+    assert h.forwarded() == [("t.rewrites", A, "written by the first delivery")]  # a repeat in the batch: once
+    assert h.count("redelivered") == 1 and h.count("duplicate") == 1
 
 
-def test_write_once_and_forward_forwards_what_another_delivery_wrote(stage_loop: asyncio.AbstractEventLoop) -> None:
+def test_bad_input_fails_its_item_and_a_transient_error_parks_it(stage_loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(stage_loop)
-    h.store.add("raced", status="rewritten", rewrite="the other delivery's")
-    h.store.add("gone", status="cancelled")
-    stage = ToyStage(h.ctx)
-    job = resolved(JOB_ID)
-    for item_id in ("raced", "gone"):
-        work = Work(h.message(item_id), pb.PromptItem(item_id=item_id, job_id=JOB_ID), item_id, job)
-        stage.write_once_and_forward(work, pb.Rewrite(optimized="mine"), lambda: False)
-    assert h.forwarded() == [("t.rewrites", "raced", "the other delivery's")]
-
-
-def test_permanent_item_error_fails_the_item_not_the_message(stage_loop: asyncio.AbstractEventLoop) -> None:
-    h = Harness(stage_loop)
-    h.store.add("bad")
-    h.store.add("good")
-    stage = ToyStage(h.ctx, errors={"too long": PermanentItemError("prompt needs 9000 tokens")})
-    assert stage.handle([h.message("bad", "too long"), h.message("good", "fine")]) == []
-    bad = h.store.items["bad"]
-    assert (bad["status"], bad["failed_stage"], bad["error"]) == ("failed", "rewrite", "prompt needs 9000 tokens")
-    assert h.store.items["good"]["status"] == "rewritten"
-    assert [key for _, key, _ in h.published] == ["good"]
-    assert h.metrics.registry.get_sample_value("bpo_items_failed_total", {"stage": "rewrite"}) == 1
-    assert JOB_ID in h.store.finish_checks  # the failed item may have been the job's last
-
-
-def test_other_item_errors_fail_their_message_for_a_retry(stage_loop: asyncio.AbstractEventLoop) -> None:
-    h = Harness(stage_loop)
-    h.store.add("flaky")
-    h.store.add("good")
-    flaky = h.message("flaky", "flaky")
-    stage = ToyStage(h.ctx, errors={"flaky": ConnectionError("target down")})
-    failures = stage.handle([flaky, h.message("good")])
-    assert [(f.message, str(f.error)) for f in failures] == [(flaky, "target down")]
-    assert h.store.items["flaky"]["status"] == "pending"
-    # After its retries the loop dead-letters it: then the item fails with the reason and the job goes on.
-    stage.on_dead_letter(flaky, "target down")
-    row = h.store.items["flaky"]
-    assert (row["status"], row["error"]) == ("failed", "rewrite failed after retries: target down")
-
-
-def test_a_batch_exception_fails_every_message(stage_loop: asyncio.AbstractEventLoop) -> None:
-    h = Harness(stage_loop)
-    for item_id in ("a", "b", "c"):
+    bad, flaky, good = uid("bad"), uid("flaky"), uid("good")
+    for item_id in (bad, flaky, good):
         h.store.add(item_id)
-    h.store.add("skipped", status="cancelled")
-    stage = ToyStage(h.ctx, batch_error=ConnectionError("broker unreachable"))
-    messages = [h.message("a"), h.message("b"), h.message("skipped"), h.message("c")]
-    failures = stage.handle(messages)
-    assert [f.message for f in failures] == [messages[0], messages[1], messages[3]]
-    assert all(isinstance(f.error, ConnectionError) for f in failures)
-    assert h.published == [] and all(h.store.items[i]["status"] == "pending" for i in ("a", "b", "c"))
+    errors: dict[str, Exception] = {
+        "long prompt": PermanentItemError("prompt needs 9000 tokens"),
+        "down endpoint": EngineUnavailableError("target down"),
+    }
+    stage = ToyStage(h.ctx, errors=errors)
+    assert stage.handle([h.message(bad, "long prompt"), h.message(flaky, "down endpoint"), h.message(good, "ok")]) == []
+    row = h.store.items[bad]
+    assert (row["status"], row["failed_stage"], row["error"]) == (
+        "failed", "rewrite", "PermanentItemError: prompt needs 9000 tokens"
+    )  # fmt: skip
+    parked = h.store.items[flaky]
+    assert (parked["status"], parked["retry_at"], parked["attempts"]) == ("pending", "later", 1)
+    assert h.store.items[good]["status"] == "rewritten"
+    assert [m.key for m in h.published] == [good]
+    rejected = {"stage": "rewrite", "reason": "rejected"}
+    assert h.metrics.registry.get_sample_value("bpo_items_failed_total", rejected) == 1
+    assert h.count("parked") == 1
+    # Redelivered by the sweep until its attempts run out: then it fails, with the reason.
+    stage.handle([h.message(flaky, "down endpoint")])
+    stage.handle([h.message(flaky, "down endpoint")])
+    row = h.store.items[flaky]
+    assert (row["status"], row["error"]) == ("failed", "gave up after 3: EngineUnavailableError: target down")
+    assert JOB_ID in h.store.finish_checks  # a failed item may have been the job's last
+    exhausted = {"stage": "rewrite", "reason": "retries_exhausted"}
+    assert h.metrics.registry.get_sample_value("bpo_items_failed_total", exhausted) == 1
 
 
-def test_unknown_job_fails_the_message(stage_loop: asyncio.AbstractEventLoop) -> None:
+def test_a_dead_letter_is_counted_and_fails_the_item_it_names(stage_loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(stage_loop)
-    stray = h.message("x", job_id="44444444-4444-4444-4444-444444444444")
-    failures = ToyStage(h.ctx).handle([stray])
-    assert [(f.message, type(f.error)) for f in failures] == [(stray, JobNotFoundError)]
+    h.store.add(A)
+    stage = ToyStage(h.ctx)
+    assert h.metrics.registry.get_sample_value("bpo_dead_letters_total", {"stage": "rewrite"}) == 0
+    stage.on_dead_letter(h.message(A, "tides"), "unreadable")
+    stage.on_dead_letter(h.raw(b"not a protobuf"), "unreadable")
+    assert h.metrics.registry.get_sample_value("bpo_dead_letters_total", {"stage": "rewrite"}) == 2
+    dead = {"stage": "rewrite", "reason": "dead_lettered"}
+    assert h.metrics.registry.get_sample_value("bpo_items_failed_total", dead) == 1
+
+
+def test_a_hung_group_is_parked_at_the_deadline_and_others_finish(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop, deadline_s=0.2)
+    stuck, fine = uid("stuck"), uid("fine")
+    h.store.add(stuck)
+    h.store.add(fine)
+    stage = ToyStage(h.ctx, hang={"slow endpoint"})
+    started = time.monotonic()
+    assert stage.handle([h.message(stuck, "slow endpoint"), h.message(fine, "quick one")]) == []
+    assert time.monotonic() - started < 5
+    assert h.store.items[fine]["status"] == "rewritten"
+    assert h.store.items[stuck]["status"] == "pending" and h.store.items[stuck]["attempts"] == 1
+    assert "0.2s batch deadline" in h.store.items[stuck]["last_error"]
+
+
+def test_an_output_too_large_for_the_broker_fails_its_item_alone(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add(A)
+    h.store.add(B)
+    h.refuse[A] = PublishError("MessageSizeTooLargeError", too_large=True)
+    assert ToyStage(h.ctx).handle([h.message(A), h.message(B)]) == []
+    assert h.store.items[A]["status"] == "failed" and "larger than the broker accepts" in h.store.items[A]["error"]
+    assert [m.key for m in h.published] == [B]
+
+
+def test_a_platform_failure_raises_for_the_loop_to_retry(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add(A)
+    h.refuse[A] = PublishError("broker did not acknowledge")
+    with pytest.raises(PublishError):
+        ToyStage(h.ctx).handle([h.message(A)])
+    # The write happened once; the retried batch forwards the stored output instead of redoing the work.
+    del h.refuse[A]
+    stage = ToyStage(h.ctx)
+    assert stage.handle([h.message(A)]) == [] and stage.processed == []
+    assert [m.key for m in h.published] == [A]
+    h.store.down = True
+    with pytest.raises(ConnectionError):
+        stage.handle([h.message(B)])
+
+
+def test_a_dead_lettered_item_fails_with_the_reason(stage_loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(stage_loop)
+    h.store.add(A)
+    ToyStage(h.ctx).on_dead_letter(h.message(A), "undecodable downstream")
+    row = h.store.items[A]
+    assert (row["status"], row["error"]) == ("failed", "dead-lettered: undecodable downstream")

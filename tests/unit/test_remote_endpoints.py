@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bpo.endpoints import EndpointConfig, Endpoints, Secrets
 from bpo.engines.factory import build_engine, model_identity, resolve_spec, served_model_name
-from bpo.engines.registry import EndpointKey, EngineRegistry
+from bpo.engines.registry import EngineRegistry
 from bpo.models.catalogue import ModelCatalogue, PromptStyle, SourceKind
 from bpo.models.prepare import ModelPreparer
 from bpo.pipeline.rewriting import ModelVersions
@@ -93,10 +94,13 @@ def test_an_in_process_version_is_the_pinned_hash(tmp_path: Path) -> None:
 
 
 async def test_registry_endpoints_keep_the_served_name(tmp_path: Path) -> None:
-    registry = EngineRegistry(EngineSettings(), ModelCatalogue(), ModelPreparer(tmp_path))
+    declared = {"gpt": EndpointConfig(name="gpt", engine="openai", model="gpt-4o-mini", url=URL, api_key_secret="k")}
+    endpoints = Endpoints(declared, EngineSettings(), Secrets(None, {"BPO_SECRET_K": "sk-test"}))
+    registry = EngineRegistry(endpoints, ModelCatalogue(), ModelPreparer(tmp_path))
     try:
-        engine = await registry.get(EndpointKey(engine="openai", model="gpt-4o-mini", base_url=URL))
+        engine = await registry.get("gpt")
         assert engine.identity.name == "gpt-4o-mini"
         assert engine._served_model == "gpt-4o-mini"  # type: ignore[attr-defined]
+        assert await registry.get("gpt") is engine
     finally:
         await registry.aclose()

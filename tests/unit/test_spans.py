@@ -57,22 +57,19 @@ def test_triple_quoted_passage_is_protected(quoted: str) -> None:
     assert segmented.instruction == "Translate [PASSAGE 1] into French."
 
 
-def test_long_double_quoted_passage_is_protected_and_short_one_is_not() -> None:
+def test_double_quoted_passage_of_any_length_is_protected() -> None:
     long_quote = '"The committee will reconvene on Tuesday, 4 March, to review the budget proposal in full."'
-    assert len(long_quote) > 82
     prompt = f"Rewrite {long_quote} in plain English."
     segmented = segment(prompt)
     assert only_span(segmented) == long_quote
     assert segmented.instruction == "Rewrite [PASSAGE 1] in plain English."
 
-    short = 'Explain the phrase "carpe diem" to a child.'
-    assert segment(short).spans == ()
-    assert segment(short).instruction == short
-
-
-def test_double_quoted_threshold_is_80_characters() -> None:
-    assert segment('Say "' + "a" * 79 + '" aloud').spans == ()
-    assert only_span(segment('Say "' + "a" * 80 + '" aloud')) == '"' + "a" * 80 + '"'
+    short = 'Is "Me and him went to the store" grammatical?'
+    segmented = segment(short)
+    assert only_span(segmented) == '"Me and him went to the store"'
+    assert segmented.instruction == "Is [PASSAGE 1] grammatical?"
+    assert segmented.spans[0].inline
+    assert only_span(segment('Say "a" aloud')) == '"a"'
 
 
 def test_curly_and_multiline_double_quotes_are_protected() -> None:

@@ -1,4 +1,4 @@
-"""StageLoop's retry, dead-letter and commit decisions against an in-memory partition log.
+"""StageLoop's dead-letter, pause-and-retry and commit decisions against an in-memory partition log.
 
 The fake consumer keeps what the decisions depend on the way Kafka does: per-partition logs, a fetch
 position that poll advances and seek moves, and a group's committed offsets that outlive one consumer.
@@ -26,7 +26,7 @@ from bpo.streaming.kafka import topic_partition
 
 pytestmark = pytest.mark.unit
 
-SETTINGS = KafkaSettings(bootstrap_servers="unused:9092", max_poll_records=4, max_attempts=3, retry_backoff_s=0.001)
+SETTINGS = KafkaSettings(bootstrap_servers="unused:9092", max_poll_records=4, retry_backoff_s=0.001)
 TOPIC = SETTINGS.topic("prompts")
 DLQ = SETTINGS.topic("deadletter")
 
@@ -66,6 +66,9 @@ class FakeConsumer:
         self.seeks: list[tuple[tuple[str, int], int]] = []
         self.max_records_seen: list[int | None] = []
         self.closed_with_autocommit: bool | None = None
+        self.paused: set[tuple[str, int]] = set()
+        self.pauses = 0
+        self.revoked: set[tuple[str, int]] = set()
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> Mapping[Any, Sequence[Record]]:
         self.max_records_seen.append(max_records)
@@ -74,6 +77,8 @@ class FakeConsumer:
         budget = max_records or 500
         out: dict[Any, list[Record]] = {}
         for (topic, partition), keys in sorted(self.logs.items()):
+            if (topic, partition) in self.paused or (topic, partition) in self.revoked:
+                continue
             position = self.positions[(topic, partition)]
             while position < len(keys) and budget > 0:
                 key = keys[position]
@@ -82,7 +87,7 @@ class FakeConsumer:
                 position += 1
                 budget -= 1
             self.positions[(topic, partition)] = position
-        if not out:
+        if not out and not self.paused:
             self.on_idle()
         return out
 
@@ -96,8 +101,19 @@ class FakeConsumer:
         self.seeks.append(((partition.topic, partition.partition), offset))
         self.positions[(partition.topic, partition.partition)] = offset
 
+    def pause(self, *partitions: Any) -> None:
+        self.pauses += 1
+        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, *partitions: Any) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
     def assignment(self) -> set[Any]:
-        return {topic_partition(topic, partition) for topic, partition in self.logs}
+        return {
+            topic_partition(topic, partition)
+            for topic, partition in self.logs
+            if (topic, partition) not in self.revoked
+        }
 
     def highwater(self, partition: Any) -> int | None:
         return len(self.logs[(partition.topic, partition.partition)])
@@ -152,25 +168,30 @@ class FakeProducer:
 
 
 class Handler:
-    """Fails a message with the given key for its first ``fail_times`` deliveries (forever when None)."""
+    """Dead-letters the messages whose key is in ``poison``; raises (a dependency down) on the calls numbered in
+    ``raise_on_calls``; ``on_call`` runs before each call (to change the world between attempts)."""
 
-    def __init__(self, failing: Mapping[str, int | None] | None = None, raise_on_call: int | None = None) -> None:
-        self.failing = dict(failing or {})
-        self.raise_on_call = raise_on_call
+    def __init__(
+        self,
+        poison: set[str] | None = None,
+        raise_on_calls: set[int] | None = None,
+        on_call: Callable[[int], None] = lambda _: None,
+    ) -> None:
+        self.poison = poison or set()
+        self.raise_on_calls = raise_on_calls or set()
+        self.on_call = on_call
         self.calls: list[list[str | None]] = []
         self.done: list[str | None] = []
 
     def __call__(self, batch: list[InboundMessage]) -> list[MessageFailure]:
         self.calls.append([m.key for m in batch])
-        if self.raise_on_call == len(self.calls):
+        self.on_call(len(self.calls))
+        if len(self.calls) in self.raise_on_calls:
             raise RuntimeError("store unavailable")
         failures = []
         for message in batch:
-            remaining = self.failing.get(message.key or "", 0)
-            if remaining is None or remaining > 0:
-                if remaining is not None:
-                    self.failing[message.key or ""] = remaining - 1
-                failures.append(MessageFailure(message, ValueError(f"cannot process {message.key}")))
+            if message.key in self.poison:
+                failures.append(MessageFailure(message, ValueError(f"cannot read {message.key}")))
             else:
                 self.done.append(message.key)
         return failures
@@ -228,57 +249,73 @@ def test_successful_batches_commit_past_their_last_offset_per_partition() -> Non
     assert h.consumer.closed_with_autocommit is False
 
 
-def test_a_transient_failure_is_retried_alone_and_then_committed() -> None:
-    h = harness({0: ["a", "b", "c"]}, Handler({"b": 2}))
+def test_poison_is_dead_lettered_once_with_its_origin_and_the_batch_committed() -> None:
+    h = harness({0: ["a", "poison", "c"], 1: ["d"]}, Handler({"poison"}))
     h.loop.run()
-    assert h.handler.calls == [["a", "b", "c"], ["b"], ["b"]]
-    assert h.handler.done == ["a", "c", "b"]
-    assert h.group.committed == {(TOPIC, 0): 3}
-    assert h.dead == [] and h.producer.sent == []
-    assert [(str(exc), m.key if m else None) for exc, m in h.errors] == [("cannot process b", "b")] * 2
-
-
-def test_a_message_failing_every_attempt_is_dead_lettered_once_with_its_origin() -> None:
-    h = harness({0: ["a", "poison", "c"], 1: ["d"]}, Handler({"poison": None}))
-    h.loop.run()
-    assert h.handler.calls == [["a", "poison", "c", "d"], ["poison"], ["poison"]]
+    assert h.handler.calls == [["a", "poison", "c", "d"]]
     assert len(h.producer.sent) == 1
     topic, key, value, headers = h.producer.sent[0]
     assert (topic, key, value) == (DLQ, b"poison", b"value-poison")
     header = dict(headers)
     assert set(DEAD_LETTER_HEADERS) <= set(header)
-    assert header["error"] == b"ValueError: cannot process poison"
+    assert header["error"] == b"ValueError: cannot read poison"
     assert (header["source_topic"], header["source_partition"], header["source_offset"]) == (TOPIC.encode(), b"0", b"1")
-    assert (header["stage"], header["attempts"], header["trace"]) == (b"rewriter", b"3", b"t1")
-    assert h.dead == [("poison", "ValueError: cannot process poison")]
+    assert (header["stage"], header["trace"]) == (b"rewriter", b"t1")
+    assert h.dead == [("poison", "ValueError: cannot read poison")]
     assert h.group.committed == {(TOPIC, 0): 3, (TOPIC, 1): 1}
     assert h.loop.handled == 4 and h.loop.dead_lettered == 1
 
 
-def test_a_handler_that_raises_has_its_whole_batch_retried() -> None:
-    h = harness({0: ["a", "b"]}, Handler(raise_on_call=1))
+def test_a_failing_dependency_pauses_and_retries_the_same_batch_without_dead_lettering() -> None:
+    h = harness({0: ["a", "b"], 1: ["c"]}, Handler(raise_on_calls={1, 2, 3}))
     h.loop.run()
-    assert h.handler.calls == [["a", "b"], ["a", "b"]]
-    assert h.handler.done == ["a", "b"]
-    assert h.dead == [] and h.group.committed == {(TOPIC, 0): 2}
-    assert [(str(exc), m.key if m else None) for exc, m in h.errors] == [
-        ("store unavailable", "a"),
-        ("store unavailable", "b"),
-    ]
+    assert h.handler.calls == [["a", "b", "c"]] * 4
+    assert h.handler.done == ["a", "b", "c"]
+    assert h.dead == [] and h.producer.sent == []
+    assert h.group.committed == {(TOPIC, 0): 2, (TOPIC, 1): 1}
+    # Paused once for the outage, and resumed after it.
+    assert h.consumer.pauses == 1 and h.consumer.paused == set()
+    assert [str(exc) for exc, _ in h.errors] == ["store unavailable"] * 3
 
 
-def test_a_message_that_cannot_be_dead_lettered_is_not_committed_and_comes_back() -> None:
-    # Partition 0: "poison" fails for good and its first dead-letter publish is not acknowledged.
-    h = harness({0: ["a", "poison", "c"], 1: ["d"]}, Handler({"poison": None}), producer=FakeProducer(failing_sends=1))
+def test_a_dead_letter_the_broker_does_not_take_is_retried_with_the_batch() -> None:
+    h = harness({0: ["a", "poison", "c"]}, Handler({"poison"}), producer=FakeProducer(failing_sends=1))
     h.loop.run()
-    # The first round commits partition 0 only up to "poison" and rewinds there; partition 1 is done.
-    assert h.group.commits[0] == {(TOPIC, 0): 1, (TOPIC, 1): 1}
-    assert h.consumer.seeks == [((TOPIC, 0), 1)]
-    # "poison" and the message after it come back; this time the dead-letter publish succeeds.
-    assert h.handler.calls[3] == ["poison", "c"]
-    assert h.dead == [("poison", "ValueError: cannot process poison")]
-    assert h.group.committed == {(TOPIC, 0): 3, (TOPIC, 1): 1}
-    assert any(isinstance(exc, TimeoutError) and message is not None for exc, message in h.errors)
+    # The first publish to the dead-letter topic was not acknowledged: the batch was held and handled again.
+    assert h.handler.calls == [["a", "poison", "c"]] * 2
+    assert h.dead == [("poison", "ValueError: cannot read poison")]
+    assert len(h.producer.sent) == 1
+    assert h.group.committed == {(TOPIC, 0): 3}
+
+
+def test_a_failing_dead_letter_hook_is_reported_and_the_loop_goes_on() -> None:
+    h = harness({0: ["poison", "b"]}, Handler({"poison"}))
+
+    def broken(message: InboundMessage, reason: str) -> None:
+        raise RuntimeError("database away")
+
+    h.loop.on_dead_letter = broken
+    h.loop.run()
+    assert len(h.producer.sent) == 1 and h.group.committed == {(TOPIC, 0): 2}
+    assert [str(exc) for exc, _ in h.errors] == ["database away"]
+
+
+def test_a_held_batch_whose_partitions_are_reassigned_is_dropped_uncommitted() -> None:
+    holder: dict[str, FakeConsumer] = {}
+
+    def revoke_on_retry(call: int) -> None:
+        if call == 1:
+            holder["consumer"].revoked.add((TOPIC, 0))
+
+    h = harness({0: ["a", "b"], 1: ["c"]}, Handler(raise_on_calls={1}, on_call=revoke_on_retry))
+    holder["consumer"] = h.consumer
+    h.loop.settings = SETTINGS.model_copy(update={"retry_backoff_s": 0.05})
+    h.loop.run()
+    # Partition 0 went to another member mid-outage: this one gave the batch up (the new owner redelivers it),
+    # and read what it still owns again from the batch's first message instead of skipping it.
+    assert (TOPIC, 0) not in h.group.committed
+    assert ((TOPIC, 1), 0) in h.consumer.seeks
+    assert h.handler.calls[-1] == ["c"] and h.group.committed == {(TOPIC, 1): 1}
 
 
 def test_stop_after_bounds_the_polls_and_stops_exactly_there() -> None:
@@ -288,18 +325,19 @@ def test_stop_after_bounds_the_polls_and_stops_exactly_there() -> None:
     assert h.loop.handled == 5 and h.group.committed == {(TOPIC, 0): 5}
 
 
-def test_stopping_during_back_off_leaves_the_failing_message_uncommitted() -> None:
+def test_stopping_while_paused_leaves_the_batch_uncommitted() -> None:
     slow = SETTINGS.model_copy(update={"retry_backoff_s": 30.0})
-    h = harness({0: ["a", "b", "c"]}, Handler({"b": None}), settings=slow)
+    h = harness({0: ["a", "b", "c"]}, Handler(raise_on_calls={1}), settings=slow)
     thread = threading.Thread(target=h.loop.run)
     thread.start()
     while not h.errors:
         threading.Event().wait(0.01)
+    assert h.loop.paused_for_s >= 0
     h.loop.stop()
     thread.join(timeout=5)
     assert not thread.is_alive()
     assert h.dead == [] and h.producer.sent == []
-    assert h.group.committed == {(TOPIC, 0): 1}
+    assert h.group.committed == {} and h.consumer.closed_with_autocommit is False
 
 
 def test_a_crash_inside_the_handler_closes_without_committing() -> None:
@@ -326,14 +364,14 @@ def test_poll_errors_are_reported_and_the_loop_goes_on() -> None:
 
 
 def test_a_failing_error_callback_does_not_stop_the_loop() -> None:
-    h = harness({0: ["a", "b"]}, Handler({"a": 1}))
+    h = harness({0: ["a", "b"]}, Handler(raise_on_calls={1}))
 
     def broken(exc: Exception, message: InboundMessage | None) -> None:
         raise RuntimeError("metrics down")
 
     h.loop.on_error = broken
     h.loop.run()
-    assert h.handler.done == ["b", "a"]
+    assert h.handler.done == ["a", "b"]
 
 
 def test_consumer_lag_is_highwater_minus_committed() -> None:

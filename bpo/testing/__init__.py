@@ -1,0 +1,1 @@
+"""Test doubles that are real servers: for tests, benchmarks and dry runs."""
