@@ -16,8 +16,8 @@ from bpo.models.catalogue import ModelCatalogue
 
 
 class LiveModels(Protocol):
-    def live(self) -> dict[str, int]:
-        """Model -> live workers serving it now; raises when that cannot be known."""
+    def live(self, *, fresh: bool = False) -> dict[str, int]:
+        """Model -> live workers serving it now (``fresh``: not from a cache); raises when that cannot be known."""
 
 
 class OptimizerModels:
@@ -52,6 +52,10 @@ class OptimizerModels:
         """``EngineUnavailableError`` when no live worker serves ``name`` now (or that cannot be known)."""
         try:
             live = self._live.live()
+            if live.get(name, 0) < 1:
+                # A cached "nobody" may predate a worker that has just announced itself (right after `bpo up`,
+                # or a worker's restart): a refusal is only given on a fresh reading.
+                live = self._live.live(fresh=True)
         except Exception as exc:
             raise EngineUnavailableError(f"cannot tell which optimizer workers are up: {exc}") from exc
         if live.get(name, 0) < 1:

@@ -84,11 +84,12 @@ class ServedModels:
         self._read_at: float | None = None
         self._served: dict[str, int] = {}
 
-    def live(self) -> dict[str, int]:
-        """Model -> how many live workers serve it. Raises ``redis.RedisError`` when Redis is unreachable."""
+    def live(self, *, fresh: bool = False) -> dict[str, int]:
+        """Model -> how many live workers serve it (``fresh``: read now, not from the cache). Raises
+        ``redis.RedisError`` when Redis is unreachable."""
         now = self._clock()
         with self._lock:
-            if self._read_at is not None and now - self._read_at < self._cache_s:
+            if not fresh and self._read_at is not None and now - self._read_at < self._cache_s:
                 return dict(self._served)
         served = self._read()
         with self._lock:

@@ -166,7 +166,7 @@ class LiveWorkers:
     def __init__(self, *models: str) -> None:
         self.models = {model: 1 for model in models}
 
-    def live(self) -> dict[str, int]:
+    def live(self, *, fresh: bool = False) -> dict[str, int]:
         return dict(self.models)
 
 

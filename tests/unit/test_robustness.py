@@ -46,7 +46,7 @@ class Live:
         self.models = models or {}
         self.down = down
 
-    def live(self) -> dict[str, int]:
+    def live(self, *, fresh: bool = False) -> dict[str, int]:
         if self.down:
             raise ConnectionError("redis unreachable")
         return dict(self.models)
@@ -190,6 +190,22 @@ def test_workers_announce_what_they_serve_until_they_stop() -> None:
     assert announced_nodes(redis) == {"broken"}  # type: ignore[arg-type]
 
 
+def test_a_refusal_is_never_given_on_a_cached_reading() -> None:
+    class Announcing:
+        """The cache said nobody; the worker announced itself since."""
+
+        def __init__(self) -> None:
+            self.fresh_reads = 0
+
+        def live(self, *, fresh: bool = False) -> dict[str, int]:
+            self.fresh_reads += fresh
+            return {"opt": 1} if fresh else {}
+
+    live = Announcing()
+    OptimizerModels(["opt"], live, ModelCatalogue()).require_live("opt")
+    assert live.fresh_reads == 1
+
+
 def test_served_models_are_cached_briefly() -> None:
     redis = FakeRedis()
     now = [0.0]
@@ -199,6 +215,8 @@ def test_served_models_are_cached_briefly() -> None:
     assert served.live() == {}
     now[0] = 2.5
     assert served.live() == {"opt": 1}
+    redis.delete(f"{KEY_PREFIX}w")
+    assert served.live() == {"opt": 1} and served.live(fresh=True) == {}
 
 
 # -- the supervisor's restarts ------------------------------------------------------------------------------
