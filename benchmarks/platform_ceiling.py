@@ -291,17 +291,22 @@ def main() -> None:
             run = run_once(size, replicas, Path(tmp), stub)
             print(json.dumps({"prompts": size, "replicas": replicas, "rates": run.rates()}), flush=True)
             runs.append(run)
+            # After every run, so that a long plan stopped part-way still leaves the runs it finished.
+            write_results(args.out, runs, complete=len(runs) == len(plan))
+    print(markdown(runs))
+
+
+def write_results(out: Path, runs: list[Run], *, complete: bool) -> None:
     payload: dict[str, Any] = {
         "benchmark": "platform_ceiling",
+        "complete": complete,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "settings": TUNING,
         "runs": [asdict(run) | {"rates": run.rates()} for run in runs],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "platform_ceiling.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = markdown(runs)
-    (args.out / "platform_ceiling.md").write_text(table)
-    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "platform_ceiling.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "platform_ceiling.md").write_text(markdown(runs))
 
 
 if __name__ == "__main__":
