@@ -11,7 +11,7 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 Role = Literal["system", "user", "assistant"]
 
@@ -87,6 +87,18 @@ class ModelIdentity:
     version: str
 
 
+T = TypeVar("T")
+
+
+def first_failure_raised(results: Sequence[T | Exception]) -> list[T]:
+    """Per-item results (``generate_per_item`` and its callers) for a caller that wants all or nothing: the
+    first failure among them raised, else every result."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return [result for result in results if not isinstance(result, Exception)]
+
+
 class EngineClient(abc.ABC):
     engine_name: str
 
@@ -115,6 +127,26 @@ class EngineClient(abc.ABC):
                 results.extend(await self.generate([request]))
             except Exception as exc:
                 results.append(exc)
+        return results
+
+    async def generate_per_item(
+        self, prepared: Sequence[Sequence[GenerationRequest] | Exception]
+    ) -> list[list[Completion] | Exception]:
+        """Per item, its completions in request order, or why it has none: the exception it was prepared with,
+        or the first of its requests that failed. Every prepared request goes to the engine as one batch
+        (``generate_each``), so one item's failure takes no other with it."""
+        flat = [request for item in prepared if not isinstance(item, Exception) for request in item]
+        completions = await self.generate_each(flat) if flat else []
+        results: list[list[Completion] | Exception] = []
+        cursor = 0
+        for item in prepared:
+            if isinstance(item, Exception):
+                results.append(item)
+                continue
+            made = completions[cursor : cursor + len(item)]
+            cursor += len(item)
+            failure = next((c for c in made if isinstance(c, Exception)), None)
+            results.append(failure if failure is not None else [c for c in made if isinstance(c, Completion)])
         return results
 
     @abc.abstractmethod

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from bpo.engines.base import ChatMessage, Completion, EngineClient, GenerationRequest, SamplingParams, derive_seed
+from bpo.engines.base import (
+    ChatMessage,
+    Completion,
+    EngineClient,
+    GenerationRequest,
+    SamplingParams,
+    derive_seed,
+    first_failure_raised,
+)
 from bpo.errors import InvalidPromptError
 
 # A prompt that leaves less room than this in the target's context cannot get a meaningful answer.
@@ -96,11 +104,7 @@ class AnswerGenerator:
         first engine failure otherwise (``answer_each`` settles each item on its own)."""
         for position, item in enumerate(items):
             self._requests_for(position, item)
-        results = await self.answer_each(items)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return [r for r in results if isinstance(r, AnswerPairResult)]
+        return first_failure_raised(await self.answer_each(items))
 
     async def answer_each(self, items: Sequence[AnswerInput]) -> list[AnswerPairResult | Exception]:
         """Per item: its answers, or why it has none (a prompt too long, a request the endpoint refused);
@@ -111,23 +115,10 @@ class AnswerGenerator:
                 prepared.append(self._requests_for(position, item))
             except Exception as exc:
                 prepared.append(exc)
-        flat = [request for p in prepared if not isinstance(p, Exception) for request in p]
-        completions = await self.engine.generate_each(flat) if flat else []
-        results: list[AnswerPairResult | Exception] = []
-        cursor = 0
-        for entry in prepared:
-            if isinstance(entry, Exception):
-                results.append(entry)
-                continue
-            made = completions[cursor : cursor + len(entry)]
-            cursor += len(entry)
-            failure = next((c for c in made if isinstance(c, Exception)), None)
-            if failure is not None:
-                results.append(failure)
-                continue
-            done = [c for c in made if isinstance(c, Completion)]
-            results.append(_result(done, 0, len(done) - 1))
-        return results
+        return [
+            made if isinstance(made, Exception) else _result(made, 0, len(made) - 1)
+            for made in await self.engine.generate_per_item(prepared)
+        ]
 
 
 def _result(completions: Sequence[Completion], original_at: int, optimized_at: int) -> AnswerPairResult:

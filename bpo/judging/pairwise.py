@@ -31,7 +31,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from bpo.engines.base import ChatMessage, Completion, EngineClient, GenerationRequest, SamplingParams, derive_seed
+from bpo.engines.base import (
+    ChatMessage,
+    Completion,
+    EngineClient,
+    GenerationRequest,
+    SamplingParams,
+    derive_seed,
+    first_failure_raised,
+)
 from bpo.errors import InvalidPromptError
 from bpo.judging.verdicts import (
     ParsedVerdict,
@@ -365,11 +373,7 @@ class PairwiseJudge:
         """
         for position, item in enumerate(items):
             self._requests_for(position, item)
-        verdicts = await self.judge_each(items)
-        for verdict in verdicts:
-            if isinstance(verdict, Exception):
-                raise verdict
-        return [v for v in verdicts if isinstance(v, PairVerdict)]
+        return first_failure_raised(await self.judge_each(items))
 
     async def judge_each(self, items: Sequence[JudgeInput]) -> list[PairVerdict | Exception]:
         """Per item: its verdict, or why it has none; one item's failure takes no other with it."""
@@ -379,31 +383,20 @@ class PairwiseJudge:
                 prepared.append(self._requests_for(position, item))
             except Exception as exc:
                 prepared.append(exc)
-        flat = [request for p in prepared if not isinstance(p, Exception) for request in p]
-        completions = await self.engine.generate_each(flat) if flat else []
         per_order = self.spec.votes
         verdicts: list[PairVerdict | Exception] = []
-        cursor = 0
-        for item, entry in zip(items, prepared, strict=True):
-            if isinstance(entry, Exception):
-                verdicts.append(entry)
-                continue
-            if not entry:
+        for item, made in zip(items, await self.engine.generate_per_item(prepared), strict=True):
+            if isinstance(made, Exception):
+                verdicts.append(made)
+            elif not made:
                 verdicts.append(IDENTICAL_ANSWERS_VERDICT)
-                continue
-            first = completions[cursor : cursor + per_order]
-            second = completions[cursor + per_order : cursor + 2 * per_order]
-            cursor += 2 * per_order
-            failure = next((c for c in (*first, *second) if isinstance(c, Exception)), None)
-            if failure is not None:
-                verdicts.append(failure)
-                continue
-            verdicts.append(
-                _combine(
-                    self._judgement(item, True, [c for c in first if isinstance(c, Completion)]),
-                    self._judgement(item, False, [c for c in second if isinstance(c, Completion)]),
+            else:
+                verdicts.append(
+                    _combine(
+                        self._judgement(item, True, made[:per_order]),
+                        self._judgement(item, False, made[per_order : 2 * per_order]),
+                    )
                 )
-            )
         return verdicts
 
 
