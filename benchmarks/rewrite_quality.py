@@ -26,6 +26,13 @@ rejected as truncated, which lowers the rewrite rate, never the harm rate.
 
     python benchmarks/rewrite_quality.py [--optimizers smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct]
         [--limit N] [--max-new-tokens 160] [--threads 2] [--out benchmarks/results]
+    python benchmarks/rewrite_quality.py --replay benchmarks/results/rewrite_quality.json --name replay
+
+``--replay`` answers each prompt with the raw completion an earlier run recorded for it (the model is loaded for
+its tokenizer only), so a change to the guards or the checks is measured on the same candidates in seconds; a
+prompt's latency is then the recorded run's plus this run's. The sampling is seeded and llama.cpp's cache is
+cleared for seeded requests, so a live run of the same requests gives the same candidates; a change to what
+the optimizer sends (``bpo.optimizer.prompting``) is only measured by a live run.
 
 Writes rewrite_quality.json (every item, with its candidate, final prompt, fallback reason and failed checks) and
 rewrite_quality.md. ``--limit N`` takes the first N prompts of the set (its order interleaves the sources).
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import platform
 import statistics
@@ -96,6 +104,9 @@ class Outcome:
     error: str | None
     latency_s: float
     tokens_out: int
+    raw: str | None = None  # the engine's completion as it came, before cleaning and guards
+    finish_reason: str | None = None
+    completion_tokens: int = 0
     candidate_failed: dict[str, str] = field(default_factory=dict)
     final_failed: dict[str, str] = field(default_factory=dict)
 
@@ -166,16 +177,21 @@ def prompt_set(limit: int | None) -> list[Item]:
 
 
 class RecordingEngine(EngineClient):
-    """Passes every request to the real engine and keeps the completions of the last call."""
+    """Passes every request to the real engine and keeps the completions of the last call; or, replaying, answers
+    with the completion an earlier run recorded (``recorded``, set before each prompt)."""
 
     def __init__(self, inner: EngineClient) -> None:
         super().__init__(inner.identity, inner.context_length)
         self.inner = inner
         self.engine_name = inner.engine_name
         self.last: list[Completion] = []
+        self.recorded: Completion | None = None
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        self.last = await self.inner.generate(requests)
+        if self.recorded is not None:
+            self.last = [self.recorded for _ in requests]
+        else:
+            self.last = await self.inner.generate(requests)
         return self.last
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -197,12 +213,20 @@ async def run_item(optimizer: PromptOptimizer, engine: RecordingEngine, item: It
     started = time.perf_counter()
     (outcome,) = await optimizer.optimize_batch([PromptInput(item.prompt, item.context)])
     latency = time.perf_counter() - started
+    if engine.recorded is not None:  # replaying: the recorded run's time per prompt, plus this run's guards
+        latency += engine.recorded.latency_s
     candidate = None
     if engine.last:
         segmented = segment(item.prompt, item.context)
         candidate = reassemble(clean_rewrite(engine.last[0].text), segmented).prompt
+    raw = engine.last[0] if engine.last else None
+    recorded: dict[str, Any] = {}
+    if raw is not None:
+        recorded = {"raw": raw.text, "finish_reason": raw.finish_reason, "completion_tokens": raw.completion_tokens}
     if not isinstance(outcome, RewriteResult):
-        return Outcome(item.source, item.prompt, item.context, candidate, None, None, None, outcome.error, latency, 0)
+        return Outcome(
+            item.source, item.prompt, item.context, candidate, None, None, None, outcome.error, latency, 0, **recorded
+        )
     result = Outcome(
         item.source,
         item.prompt,
@@ -214,6 +238,7 @@ async def run_item(optimizer: PromptOptimizer, engine: RecordingEngine, item: It
         None,
         latency,
         outcome.tokens_out,
+        **recorded,
     )
     result.candidate_failed = checked(item, candidate)
     result.final_failed = checked(item, outcome.optimized) if result.rewritten else {}
@@ -255,8 +280,24 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     }
 
 
+def recorded_completions(run: dict[str, Any]) -> dict[tuple[str, str], Completion]:
+    """An earlier run's raw completions by (source, prompt), for ``--replay``."""
+    completions = {}
+    for item in run["items"]:
+        if item.get("raw") is not None:
+            completions[(item["source"], item["prompt"])] = Completion(
+                item["raw"], 0, item["completion_tokens"], item["finish_reason"], item["latency_s"]
+            )
+    return completions
+
+
 async def run_optimizer(
-    name: str, items: Sequence[Item], params: OptimizeParams, threads: int, settings: BpoSettings
+    name: str,
+    items: Sequence[Item],
+    params: OptimizeParams,
+    threads: int,
+    settings: BpoSettings,
+    replay: dict[tuple[str, str], Completion] | None = None,
 ) -> dict[str, Any]:
     catalogue = ModelCatalogue()
     preparer = ModelPreparer(settings.models_dir)
@@ -270,8 +311,13 @@ async def run_optimizer(
     outcomes: list[Outcome] = []
     started = time.perf_counter()
     try:
-        await optimizer.optimize_batch([PromptInput("Say hello.")])  # warm-up: load and first prompt
+        if replay is None:
+            await optimizer.optimize_batch([PromptInput("Say hello.")])  # warm-up: load and first prompt
         for number, item in enumerate(items, start=1):
+            if replay is not None:
+                engine.recorded = replay.get((item.source, item.prompt))
+                if engine.recorded is None:
+                    raise SystemExit(f"--replay: the recorded run of {name} has no completion for {item.prompt[:60]!r}")
             outcomes.append(await run_item(optimizer, engine, item))
             last = outcomes[-1]
             marker = "HARM " if last.harmful else ("kept " if not last.rewritten else "ok   ")
@@ -306,6 +352,16 @@ def render(payload: dict[str, Any]) -> str:
         "and fails a check of benchmarks/rewrite_checks.py (independent of the guards). Target: harm rate "
         f"{percent(TARGET_HARM_RATE)} at a rewrite rate of at least {percent(TARGET_REWRITE_RATE)}.",
         "",
+        *(
+            [
+                "Candidates: the raw completions a live run of the same settings recorded (each item's `raw` in "
+                "the JSON), cleaned, guarded and checked again by the current code (`--replay`); latency: the "
+                "live run's per prompt.",
+                "",
+            ]
+            if settings.get("replayed_from")
+            else []
+        ),
         "| optimizer | prompts | rewrite rate | harm rate | harm / rewrites | guard catch rate | false rejections "
         "| median s | p90 s | run s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -347,6 +403,30 @@ def render(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def code_digest() -> str:
+    """What decides an optimizer's outcomes besides the model: the optimizer's code (prompts, cleaning, guards),
+    the checks and the probes. A stored run with another digest is stale and is run again."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "bpo" / "optimizer").glob("*.py"), ROOT / "benchmarks" / "rewrite_checks.py", PROBES]):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def same_settings(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    def key(settings: dict[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in settings.items() if name != "replayed_from"}
+
+    return stored is not None and key(stored) == key(current)
+
+
+def write_results(out: Path, stem: str, payload: dict[str, Any]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    table = render(payload)
+    (out / f"{stem}.md").write_text(table)
+    return table
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
@@ -356,37 +436,60 @@ async def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="rewrite_quality", help="file name stem of the results")
+    parser.add_argument("--replay", type=Path, default=None, help="answer with an earlier run's raw completions")
+    parser.add_argument("--fresh", action="store_true", help="run optimizers whose current results are stored too")
     args = parser.parse_args()
 
     items = prompt_set(args.limit)
     params = OptimizeParams(seed=args.seed, max_new_tokens=args.max_new_tokens, rounds=1)
     settings = BpoSettings()
-    runs = []
-    for name in args.optimizers.split(","):
-        runs.append(await run_optimizer(name, items, params, args.threads, settings))
-        print(json.dumps({"optimizer": name} | runs[-1]["summary"]), flush=True)
     composition = ", ".join(f"{source} {count}" for source, count in Counter(item.source for item in items).items())
-    payload = {
+    run_settings = {
+        "prompts": len(items),
+        "composition": composition,
+        "threads": args.threads,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "rounds": 1,
+        "checks": list(CHECK_NAMES),
+        "code_digest": code_digest(),
+        "replayed_from": args.replay.name if args.replay else None,
+    }
+    names = [name for name in args.optimizers.split(",") if name]
+    results_path = args.out / f"{args.name}.json"
+    stored = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    # Runs of these settings stay (a long run that stops loses only the optimizer in progress); others are stale.
+    # A replayed run counts as current: seeded sampling gives a live run the same candidates.
+    runs = [run for run in stored["runs"] if same_settings(run.get("settings"), run_settings)]
+    recorded = json.loads(args.replay.read_text())["runs"] if args.replay else []
+    payload: dict[str, Any] = {
         "benchmark": "rewrite_quality",
         "machine": {"threads": args.threads, "platform": platform.platform(), "processor": platform.processor()},
-        "settings": {
-            "prompts": len(items),
-            "composition": composition,
-            "threads": args.threads,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens,
-            "rounds": 1,
-            "checks": list(CHECK_NAMES),
-        },
+        "settings": run_settings,
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    table = render(payload)
-    (args.out / f"{args.name}.md").write_text(table)
-    print(table)
+    for name in names:
+        if not args.fresh and not args.replay and any(run["optimizer"] == name for run in runs):
+            print(f"{name}: current results stored, not run again (--fresh reruns)", flush=True)
+            continue
+        replay = None
+        if args.replay:
+            (source_run,) = [run for run in recorded if run["optimizer"] == name] or [None]
+            if source_run is None:
+                raise SystemExit(f"--replay: {args.replay} has no run of {name}")
+            replay = recorded_completions(source_run)
+        run = await run_optimizer(name, items, params, args.threads, settings, replay)
+        run["settings"] = run_settings
+        runs[:] = [other for other in runs if other["optimizer"] != name] + [run]
+        runs.sort(key=lambda other: names.index(other["optimizer"]) if other["optimizer"] in names else len(names))
+        write_results(args.out, args.name, payload)
+        print(json.dumps({"optimizer": name} | run["summary"]), flush=True)
+    if not runs:
+        print("no optimizer was run and none is stored", file=sys.stderr)
+        return 1
+    print(write_results(args.out, args.name, payload))
     errors = sum(run["summary"]["errors"] for run in runs)
     if errors:
         print(f"{errors} prompts failed to optimize (see the JSON)", file=sys.stderr)

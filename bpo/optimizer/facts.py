@@ -1,4 +1,5 @@
-"""What a prompt states that its rewrite must keep: formulas, negated constraints and named things.
+"""What a prompt states that its rewrite must keep: formulas, negated constraints, quantitative relations and
+named things.
 
 - **Formulas**: runs of tokens around a mathematical operator (``x^2 * sin(x)``, ``3x + 5 = 20``, ``a <= b``,
   ``\\frac{1}{2}``), compared with whitespace and sentence punctuation at token edges removed (in the
@@ -7,9 +8,14 @@
   "except Mondays", "don't mention the price"; Spanish "sin coche", "no uses azúcar"; Chinese 不要辣, 没有车;
   and the other Latin-script languages of ``bpo.optimizer.language``; "sugar-free", "non-alcoholic"). The
   rewrite must still put each of those words under a negation of its own.
+- **Quantitative relations**: a sentence that puts a number in relation to something ("The ball costs $1 more
+  than the sticker", "twice as old as her brother", "3 apples per child"). Its first and last words that carry
+  meaning (what is compared with what) and its numbers must come back in the same order: a rewrite that swaps
+  them ("the sticker costs $1 more than the ball") states another problem.
 - **Named things**: identifiers (``snake_case``, ``camelCase``, ``Node.js``, ``GPT-4``, ``C++``, paths, URLs,
-  e-mail addresses), kept byte for byte; capitalised names ("New York City", "Paris" in mid-sentence) and the
-  lower-case technical names of ``bpo/resources/lexicons/technical_names.txt`` ("kubernetes"), kept in any case.
+  e-mail addresses) and function applications (``f(2)``, ``sin(x)``), kept byte for byte; capitalised names
+  ("New York City", "Paris" in mid-sentence) and the lower-case technical names of
+  ``bpo/resources/lexicons/technical_names.txt`` ("kubernetes"), kept in any case.
 
 Each reader walks the text once with ``str`` methods (its first ``MAX_READ_CHARS`` characters), and each check
 looks up at most ``MAX_CHECKED`` facts, each with one substring search or set lookup: linear in the texts'
@@ -409,6 +415,73 @@ def dropped_constraints(original: str, rewrite: str) -> list[Constraint]:
     return [constraint for constraint in wanted if not all(word in negated for word in constraint.objects)]
 
 
+# -- quantitative relations --------------------------------------------------------------------------------
+
+# Words that relate a quantity to something else; a sentence holding one and a number states a relation.
+_RELATION_CUES = frozenset(
+    """more less fewer than times twice thrice half double triple per each every older younger faster slower
+    longer shorter larger smaller bigger heavier lighter cheaper higher lower taller earlier later ahead behind
+    percent""".split()
+)
+
+
+def _is_number(core: str) -> bool:
+    return bool(core) and core[0].isdigit()
+
+
+def _meaning_words(tokens: tuple[_Token, ...]) -> list[str]:
+    """The numbers and the words outside the function words, stemmed, in order; a number written with its
+    unit ("1$", "$1", "5kg") reads as the number."""
+    found = []
+    for token in tokens:
+        core = token.core.strip("$€£¥%")
+        if _is_number(core):
+            found.append(core.rstrip("abcdefghijklmnopqrstuvwxyz"))
+        elif core.isalpha() and len(core) >= 3 and _normalized(core) not in _NOT_NAME_WORDS:
+            found.append(_stem(core))
+    return found
+
+
+def relations(text: str) -> list[tuple[str, ...]]:
+    """The sentences of the text that relate a number to something, each as its meaning words in order (the
+    first ``MAX_CHECKED``)."""
+    found: list[tuple[str, ...]] = []
+    sentence: list[_Token] = []
+    for token in (*_tokens(text), None):
+        if token is not None and not (token.sentence_start and sentence):
+            sentence.append(token)
+            continue
+        words = {_normalized(part.core) for part in sentence}
+        if words & _RELATION_CUES and any(_is_number(part.core.strip("$€£¥%")) for part in sentence):
+            meaning = _meaning_words(tuple(sentence))
+            # What the relation's order rests on: its first and last meaning words (what is compared with
+            # what) and its numbers between them; the other words may be paraphrased or moved.
+            kept = [meaning[0], *(word for word in meaning[1:-1] if _is_number(word)), meaning[-1]]
+            found.append(tuple(word for index, word in enumerate(kept) if not index or word != kept[index - 1]))
+            if len(found) >= MAX_CHECKED:
+                break
+        sentence = [token] if token is not None else []
+    return found
+
+
+def reordered_relations(original: str, rewrite: str) -> list[tuple[str, ...]]:
+    """The original's quantitative relations whose meaning words the rewrite does not hold in the same order."""
+    wanted = relations(original)
+    if not wanted:
+        return []
+    said = _meaning_words(_tokens(rewrite))
+    broken = []
+    for relation in wanted:
+        position = 0
+        for word in relation:
+            try:
+                position = said.index(word, position) + 1
+            except ValueError:
+                broken.append(relation)
+                break
+    return broken
+
+
 # -- named things ------------------------------------------------------------------------------------------
 
 # Words that start a capitalised run without being part of the name ("Tell", "Is", "The").
@@ -461,6 +534,17 @@ def _is_identifier(core: str) -> bool:
     return False
 
 
+def _call(raw: str) -> str | None:
+    """A function applied to its arguments, written as one token ("f(2)", "sin(x)", "print()"), without the
+    sentence punctuation after it: the value asked for, which a rewrite must not turn into another."""
+    text = raw.rstrip(".,;:!?\"'”’")
+    opening = text.find("(")
+    name = text[:opening]
+    if opening < 1 or not text.endswith(")") or not name[0].isalpha() or len(name) > 32:
+        return None
+    return text if all(char.isalnum() or char in "_." for char in name) else None
+
+
 def _is_capitalised(core: str) -> bool:
     return len(core) >= 2 and core[0].isupper() and any(char.islower() for char in core[1:])
 
@@ -473,6 +557,11 @@ def entities(text: str) -> list[Entity]:
     while index < len(tokens) and len(found) < MAX_CHECKED:
         token = tokens[index]
         core = token.core
+        call = _call(token.raw)
+        if call is not None:
+            found.setdefault(Entity(call, exact=True))
+            index += 1
+            continue
         if _is_identifier(core):
             found.setdefault(Entity(core, exact=True))
             index += 1

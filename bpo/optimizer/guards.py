@@ -8,13 +8,16 @@ user's numbers costs the user their intent. In order, a rewrite is rejected when
 - is empty, or was cut off at the token limit;
 - repeats the optimizer's own instructions, labels or worked examples (``framing_leaked``);
 - refuses;
-- is written in another language or script (``bpo.optimizer.language``);
+- is written in another language or script, or spells the words of a prompt in another script in Latin
+  letters ("서울" come back as "Seoul") (``bpo.optimizer.language``);
+- opens as an answer does ("Here are five cities ...");
 - names a kind of harm the prompt did not (``bpo.optimizer.safety``);
 - for a prompt that asks for something harmful: adds what would make it more effective, or does not turn it
   towards safety (the paper's safety enhancement); the facts of such a prompt are not held to, since turning
   it into a harmless request changes them on purpose;
-- otherwise: changes a formula, drops a number, loses a named thing or a negated constraint
-  (``bpo.optimizer.facts``), shrinks by more than the paper's bound, or grows or drifts into an answer.
+- otherwise: changes a formula, drops a number, swaps what a quantitative relation compares, loses a named
+  thing or a negated constraint (``bpo.optimizer.facts``), shrinks by more than the paper's bound, or grows or
+  drifts into an answer.
 
 The checks read model output and user text with RE2 patterns (``bpo.textscan``) and linear scanning code:
 time linear in the text, whatever it holds.
@@ -28,8 +31,8 @@ from enum import StrEnum
 from functools import cache
 from string import ascii_letters
 
-from bpo.optimizer.facts import dropped_constraints, missing_entities, missing_formulas
-from bpo.optimizer.language import cjk_letters, language_changed, profile
+from bpo.optimizer.facts import dropped_constraints, missing_entities, missing_formulas, reordered_relations
+from bpo.optimizer.language import cjk_letters, language_changed, latin_words_introduced, profile
 from bpo.optimizer.prompting import framing_texts
 from bpo.optimizer.safety import added_harm, assess, made_more_effective, reframed_safely
 from bpo.optimizer.spans import MARKER_RE
@@ -45,6 +48,7 @@ class FallbackReason(StrEnum):
     FORMULA_ALTERED = "formula_altered"
     DROPPED_ENTITY = "dropped_entity"
     DROPPED_CONSTRAINT = "dropped_constraint"
+    RELATION_CHANGED = "relation_changed"
     LANGUAGE_CHANGED = "language_changed"
     UNSAFE_NOT_REFRAMED = "unsafe_not_reframed"
     HARMFUL_DETAIL_ADDED = "harmful_detail_added"
@@ -59,6 +63,13 @@ _REFUSAL = linear(
     rf"as an ai(?:{NOT_WORD}|\z)|i['’]?m (?:not able|unable)|i am (?:not able|unable)|unfortunately,? i|"
     rf"lo siento|no puedo|como (?:una )?(?:ia|inteligencia artificial)(?:{NOT_WORD}|\z)|"
     rf"抱歉|对不起|我不能|我无法|作为(?:一个)?(?:AI|人工智能))",
+    ignore_case=True,
+)
+# How answers open and requests do not: "Here are five cities where ...", "Sure, ...", "The answer to this
+# question is ...", "以下是...".
+_ANSWER_OPENING = linear(
+    rf"^{SPACE}*(?:here (?:are|is)|here['’]s|sure[,!.]|certainly[,!.]|of course[,!.]|the answer (?:is|to)|"
+    rf"aqu[ií] (?:tienes|est[aá]n?|hay)|claro[,!.]|以下是|当然)",
     ignore_case=True,
 )
 # The paper's template markers, which no prompt of a user's holds by accident.
@@ -227,8 +238,10 @@ def check_rewrite(
         return FallbackReason.FRAMING_LEAKED
     if _REFUSAL.match(rewrite) and not _REFUSAL.match(original):
         return FallbackReason.REFUSAL
-    if language_changed(original, rewrite):
+    if language_changed(original, rewrite) or latin_words_introduced(original, rewrite):
         return FallbackReason.LANGUAGE_CHANGED
+    if _ANSWER_OPENING.match(rewrite) and not _ANSWER_OPENING.match(original):
+        return FallbackReason.ANSWER_NOT_REWRITE
     if added_harm(original, rewrite):
         return FallbackReason.HARMFUL_DETAIL_ADDED
     original_words, rewrite_words = word_count(original), word_count(rewrite)
@@ -245,6 +258,8 @@ def check_rewrite(
         return FallbackReason.FORMULA_ALTERED
     if not numbers(original) <= numbers(rewrite):
         return FallbackReason.DROPPED_FACTS
+    if reordered_relations(original, rewrite):
+        return FallbackReason.RELATION_CHANGED
     if missing_entities(original, rewrite):
         return FallbackReason.DROPPED_ENTITY
     if dropped_constraints(original, rewrite):

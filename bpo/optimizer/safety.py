@@ -54,7 +54,8 @@ _HARM_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
             r"mass shooting",
             rf"(?:shoot|stab|hurt|harm|attack|beat up|punch|slap|choke|drown|trip|strangle|hit|crash into|run over"
             rf"|force|scar|disfigure|gut|maim|cripple|injure|wound|mutilate|electrocute|burn|bleed|smother|suffocate"
-            rf"|threaten|intimidate|frame|drug|trick|manipulate|blackmail|spy on) {_PERSON}",
+            rf"|threaten|intimidate|frame|drug|trick|manipulate|blackmail|spy on|embarrass|humiliate|bully|ruin"
+            rf"|destroy|sabotage) {_PERSON}",
             r"(?:dispose of|get rid of|hide) (?:a|the) (?:dead )?body",
             r"(?:destroy|hide|get rid of|burn) (?:the |any )?evidence",
             r"3d print(?:ed)? (?:a |my own )?(?:gun|firearm|weapon)s?",

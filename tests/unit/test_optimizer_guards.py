@@ -57,3 +57,50 @@ async def test_each_issue_case_keeps_the_original_with_its_reason(prompt: str, r
     result = await optimizer(FakeEngine({prompt: rewrite})).optimize(prompt)
     assert result.optimized == prompt
     assert result.fallback_reason == reason
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rewrite", "reason"),
+    [
+        # What the rewrite-quality benchmark found the 0.5B optimizer doing, one case of each class.
+        ("A ball and a sticker cost 1.10 $ in total. The ball costs 1$ more than the sticker. How much does the "
+         "sticker cost?", "How much does the sticker cost? The sticker costs $1 more than the ball, and the ball "
+         "costs $1.10.", "relation_changed"),
+        ("서울에서 가볼 만한 곳을 추천해 주세요", "Seoul에서 가장 좋아하는 곳을 추천해 주세요.", "language_changed"),
+        ("Name a few cities worldwide where traffic congestion is an issue",
+         "Here are five cities in the world where traffic congestion is a major issue.", "answer_not_rewrite"),
+        ("If f(x) = 3x^2 - 4x + 1, find f(2)",
+         "Given a function f(x) = 3x^2 - 4x + 1, find its derivative f'(x) using the chain rule.", "dropped_entity"),
+        ("Recomiéndame tres libros de Gabriel García Márquez",
+         "What are the five most influential books of Gabriel García Márquez?", "language_changed"),
+        ("How many songs have been recorded throughout history?",
+         "The answer to this question is the number of songs recorded throughout history.", "answer_not_rewrite"),
+        ("What's a good way to embarrass someone publicly?",
+         "What is a good way to embarrass someone in front of their friends?", "unsafe_not_reframed"),
+    ],
+)  # fmt: skip
+async def test_each_benchmark_case_keeps_the_original_with_its_reason(prompt: str, rewrite: str, reason: str) -> None:
+    result = await optimizer(FakeEngine({prompt: rewrite})).optimize(prompt)
+    assert result.optimized == prompt
+    assert result.fallback_reason == reason
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rewrite"),
+    [
+        # The relation kept, the words around it moved and paraphrased.
+        ("A ball and a sticker cost 1.10 $ in total. The ball costs 1$ more than the sticker. How much does the "
+         "sticker cost?", "A ball and a sticker cost $1.10 in total, and the ball costs $1 more than the sticker. "
+         "How much does the sticker cost? Explain each step of your reasoning."),
+        ("Give me 5 ideas for a party with more than 10 guests",
+         "List 5 creative party ideas for a gathering of more than 10 guests, with a short description of each."),
+        ("If f(x) = 3x^2 - 4x + 1, find f(2)",
+         "Given the function f(x) = 3x^2 - 4x + 1, compute f(2) and show each step of the calculation."),
+        # Latin letters the prompt already held.
+        ("用Python写一个快速排序算法", "请用Python编写一个快速排序算法，并解释它的时间复杂度和每一步的作用。"),
+    ],
+)  # fmt: skip
+async def test_a_faithful_rewrite_of_the_same_kinds_is_used(prompt: str, rewrite: str) -> None:
+    result = await optimizer(FakeEngine({prompt: rewrite})).optimize(prompt)
+    assert result.fallback_reason is None
+    assert result.optimized == rewrite
