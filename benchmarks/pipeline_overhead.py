@@ -6,9 +6,12 @@ threads), the same sampling (the paper's, seed 0, at most 128 new tokens), rewri
 1. directly: ``PromptOptimizer.optimize_batch`` in this process, batches of 8;
 2. through the whole platform: ``bpo up`` (embedded Kafka; Postgres and Redis from the machine when
    reachable, else embedded), a job submitted over gRPC with the rewrite stage only, flowing through the
-   prompts topic, the rewrite stage (batches of 8), the Celery optimizer worker, Postgres and the rewrites topic.
+   prompts topic, the rewrite stage (stage batches of 32 messages, each sent to the optimizer worker as tasks
+   of 8 prompts, the engine batch of the direct run), the Celery optimizer worker, Postgres and the rewrites
+   topic.
 
-Reports prompts/s of each, their ratio, and the per-item overhead ((pipeline s - direct s) / prompts). The
+Each path runs ``--repeats`` times (default 3), alternating; reports the median prompts/s of each, their
+ratio, and the per-item overhead ((pipeline s - direct s) / prompts). The
 rewrite cache is cleared by using a fresh database and topic prefix, so every prompt costs a model call.
 
     python benchmarks/pipeline_overhead.py        # writes benchmarks/results/pipeline_overhead.{json,md}
@@ -16,10 +19,12 @@ rewrite cache is cleared by using a fresh database and topic prefix, so every pr
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +53,7 @@ RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2-135m-instruct"
 PROMPTS = 64
 BATCH = 8
+STAGE_BATCH = 32
 MAX_NEW_TOKENS = 128
 THREADS = 2
 MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -92,7 +98,8 @@ def pipeline(texts: list[str]) -> dict[str, Any]:
         database_url=database,
         redis_url=MACHINE_REDIS if redis_reachable(MACHINE_REDIS) else "",
         extra={
-            "BPO_PLATFORM__STAGE_BATCH_SIZE": str(BATCH),
+            "BPO_PLATFORM__STAGE_BATCH_SIZE": str(STAGE_BATCH),
+            "BPO_OPTIMIZER__BATCH_SIZE": str(BATCH),
             "BPO_OPTIMIZER__MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
             "BPO_ENGINE__THREADS": str(THREADS),
         },
@@ -125,12 +132,30 @@ def pipeline(texts: list[str]) -> dict[str, Any]:
     return {"seconds": round(elapsed, 2), "prompts_per_s": round(len(texts) / elapsed, 3), "output_tokens": tokens}
 
 
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    seconds = statistics.median(row["seconds"] for row in rows)
+    return {
+        "seconds": round(seconds, 2),
+        "prompts_per_s": round(PROMPTS / seconds, 3),
+        "output_tokens": rows[0]["output_tokens"],
+        "runs_seconds": [row["seconds"] for row in rows],
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each path, alternating; medians reported")
+    args = parser.parse_args()
     texts = prompts()
-    direct_row = asyncio.run(direct(texts))
-    print("direct", json.dumps(direct_row), flush=True)
-    pipeline_row = pipeline(texts)
-    print("pipeline", json.dumps(pipeline_row), flush=True)
+    # Alternating the two paths spreads this machine's drift over both; one run of each differed by as much as
+    # the overhead being measured.
+    directs, pipelines = [], []
+    for _ in range(args.repeats):
+        directs.append(asyncio.run(direct(texts)))
+        print("direct", json.dumps(directs[-1]), flush=True)
+        pipelines.append(pipeline(texts))
+        print("pipeline", json.dumps(pipelines[-1]), flush=True)
+    direct_row, pipeline_row = median_row(directs), median_row(pipelines)
     ratio = pipeline_row["prompts_per_s"] / direct_row["prompts_per_s"]
     overhead_ms = (pipeline_row["seconds"] - direct_row["seconds"]) / len(texts) * 1000
     payload = {
@@ -138,6 +163,7 @@ def main() -> None:
         "model": MODEL,
         "prompts": len(texts),
         "batch_size": BATCH,
+        "stage_batch_size": STAGE_BATCH,
         "max_new_tokens": MAX_NEW_TOKENS,
         "threads": THREADS,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -152,10 +178,10 @@ def main() -> None:
         [
             "| path | seconds | prompts/s | output tokens |",
             "|---|---:|---:|---:|",
-            f"| direct (one process) | {direct_row['seconds']} | {direct_row['prompts_per_s']} "
-            f"| {direct_row['output_tokens']} |",
-            f"| whole pipeline | {pipeline_row['seconds']} | {pipeline_row['prompts_per_s']} "
-            f"| {pipeline_row['output_tokens']} |",
+            f"| direct (one process), median of {args.repeats} | {direct_row['seconds']} "
+            f"| {direct_row['prompts_per_s']} | {direct_row['output_tokens']} |",
+            f"| whole pipeline, median of {args.repeats} | {pipeline_row['seconds']} "
+            f"| {pipeline_row['prompts_per_s']} | {pipeline_row['output_tokens']} |",
             "",
             f"throughput ratio (pipeline / direct): {ratio:.3f}; overhead per item: {overhead_ms:.0f} ms",
         ]

@@ -83,6 +83,14 @@ def _outer_ok(text: str, start: int, end: int) -> bool:
     return not before.isalnum() and not after.isalnum() and inner == inner.strip()
 
 
+def _is_math(text: str, start: int, end: int) -> bool:
+    """Pandoc's rule for TeX math between dollars: no space right inside either dollar, no digit right after the
+    closing one; and not a price ("$5 and $10", "1.10 $ in total ... 1$")."""
+    inner = text[start:end].strip("$")
+    after = text[end] if end < len(text) else " "
+    return bool(inner) and inner == inner.strip() and not after.isdigit() and not inner[:1].isdigit()
+
+
 def supplied_spans(prompt: str) -> list[str]:
     spans = [prompt[s:e] for s, e in _FENCE.spans(prompt)]
     spans += [prompt[s:e] for s, e in _TYPOGRAPHIC.spans(prompt)]
@@ -90,7 +98,7 @@ def supplied_spans(prompt: str) -> list[str]:
     spans += [prompt[s:e] for s, e in _BLOCK_QUOTE_LINE.spans(prompt)]
     for pattern in (_DOUBLE, _SINGLE):
         spans += [prompt[s:e] for s, e in pattern.spans(prompt) if _outer_ok(prompt, s, e)]
-    spans += [prompt[s:e] for s, e in _DOLLAR.spans(prompt) if not prompt[s:e].strip("$")[:1].isdigit()]
+    spans += [prompt[s:e] for s, e in _DOLLAR.spans(prompt) if _is_math(prompt, s, e)]
     lines = prompt.split("\n")
     for index, line in enumerate(lines[:-1]):
         rest = "\n".join(lines[index + 1 :]).strip()

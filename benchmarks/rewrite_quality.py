@@ -24,7 +24,7 @@ shares no code with the guards. Per optimizer:
 New tokens are capped (default 160, the paper's 1024 would take hours on CPU): a candidate cut at the cap is
 rejected as truncated, which lowers the rewrite rate, never the harm rate.
 
-    python benchmarks/rewrite_quality.py [--optimizers smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct]
+    python benchmarks/rewrite_quality.py [--optimizers smollm2-135m-instruct,NAME=path/to/trained.gguf,...]
         [--limit N] [--max-new-tokens 160] [--threads 2] [--out benchmarks/results]
     python benchmarks/rewrite_quality.py --replay benchmarks/results/rewrite_quality.json --name replay
 
@@ -301,9 +301,12 @@ async def run_optimizer(
 ) -> dict[str, Any]:
     catalogue = ModelCatalogue()
     preparer = ModelPreparer(settings.models_dir)
-    spec = catalogue.resolve(name)
+    # NAME=PATH: a model of one's own (e.g. a GGUF `bpo train` wrote), reported under NAME.
+    name, _, model = name.partition("=")
+    model = model or name
+    spec = catalogue.resolve(model)
     engine_settings = EngineSettings.model_validate(
-        {"name": "llamacpp", "model": name, "threads": threads, "context_length": 4096}
+        {"name": "llamacpp", "model": model, "threads": threads, "context_length": 4096}
     )
     inner = await asyncio.to_thread(build_engine, engine_settings, spec, preparer)
     engine = RecordingEngine(inner)
@@ -471,21 +474,23 @@ async def main() -> int:
         "runs": runs,
     }
     for name in names:
-        if not args.fresh and not args.replay and any(run["optimizer"] == name for run in runs):
+        label = name.partition("=")[0]
+        if not args.fresh and not args.replay and any(run["optimizer"] == label for run in runs):
             print(f"{name}: current results stored, not run again (--fresh reruns)", flush=True)
             continue
         replay = None
         if args.replay:
-            (source_run,) = [run for run in recorded if run["optimizer"] == name] or [None]
+            (source_run,) = [run for run in recorded if run["optimizer"] == label] or [None]
             if source_run is None:
-                raise SystemExit(f"--replay: {args.replay} has no run of {name}")
+                raise SystemExit(f"--replay: {args.replay} has no run of {label}")
             replay = recorded_completions(source_run)
         run = await run_optimizer(name, items, params, args.threads, settings, replay)
         run["settings"] = run_settings
-        runs[:] = [other for other in runs if other["optimizer"] != name] + [run]
-        runs.sort(key=lambda other: names.index(other["optimizer"]) if other["optimizer"] in names else len(names))
+        runs[:] = [other for other in runs if other["optimizer"] != label] + [run]
+        labels = [other.partition("=")[0] for other in names]
+        runs.sort(key=lambda other: labels.index(other["optimizer"]) if other["optimizer"] in labels else len(labels))
         write_results(args.out, args.name, payload)
-        print(json.dumps({"optimizer": name} | run["summary"]), flush=True)
+        print(json.dumps({"optimizer": label} | run["summary"]), flush=True)
     if not runs:
         print("no optimizer was run and none is stored", file=sys.stderr)
         return 1

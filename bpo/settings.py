@@ -25,7 +25,9 @@ Every environment variable the platform reads is declared here and nowhere else:
     BPO_ENGINE__DTYPE                   auto | float32 | bfloat16 | float16, for transformers and vllm
     BPO_ENGINE__VLLM_KV_CACHE_GIB       KV-cache size for vLLM on CPU
     BPO_ENGINE__VLLM_GPU_MEMORY_UTILIZATION  fraction of GPU memory vLLM may take
-    BPO_OPTIMIZER__TEMPERATURE / TOP_P / MAX_NEW_TOKENS / ROUNDS / SEED / BATCH_SIZE
+    BPO_OPTIMIZER__TEMPERATURE / TOP_P / MAX_NEW_TOKENS / ROUNDS / SEED
+    BPO_OPTIMIZER__BATCH_SIZE           prompts per optimizer engine batch: per task sent to a worker (a stage
+                                        batch's misses go out as several tasks at once), per OptimizeBatch group
 
 Platform (the distributed pipeline); an empty URL means "start an embedded one under the state directory":
     BPO_PLATFORM__DATABASE_URL          postgresql://... (Postgres, the source of truth)

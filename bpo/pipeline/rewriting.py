@@ -75,21 +75,32 @@ class RewriteOutcome:
 
 
 class CachedRewriter:
+    """Rewrites a stage batch: cache hits from the store, misses from the optimizer workers in tasks of at most
+    ``task_size`` prompts, all sent at once. A stage batch larger than a task then keeps every worker busy, and
+    a worker's next task waits on its queue while it runs the current one, instead of after the stage has
+    written the batch and read the next."""
+
     def __init__(
         self,
         store: PipelineStore,
         backend: OptimizerBackend,
         versions: ModelVersions,
         metrics: PlatformMetrics,
+        *,
+        task_size: int = 8,
     ) -> None:
+        if task_size < 1:
+            raise ValueError("task_size must be at least 1")
         self._store = store
         self._backend = backend
         self._versions = versions
         self._metrics = metrics
+        self._task_size = task_size
 
     async def rewrite(self, items: Sequence[pb.PromptItem], model: str, params: OptimizeParams) -> list[RewriteOutcome]:
-        """Per item: its rewrite (from the cache, or from one task for all the batch's misses), or its failure.
-        Raises when the whole batch could not be rewritten (no worker answered, the broker is down)."""
+        """Per item: its rewrite (from the cache, or from the tasks the batch's misses were sent in), or its
+        failure. Raises when a task could not be run (no worker answered, the broker is down): the batch is
+        then retried whole, and the tasks that did finish are found by their ids instead of being run again."""
         expected = await asyncio.to_thread(self._versions.version_of, model)
         version = expected.cache_key
         p_hash = params_hash(params)
@@ -118,7 +129,7 @@ class CachedRewriter:
                 first_of.setdefault(keys[index], index)
             unique = list(first_of.values())
             inputs = [PromptInput(items[i].prompt, items[i].context or None) for i in unique]
-            results = dict(zip(unique, await self._backend.optimize_batch(model, params, inputs), strict=True))
+            results = dict(zip(unique, await self._optimize(model, params, inputs), strict=True))
             fills: dict[str, dict[str, object]] = {}
             for index in misses:
                 item, key = items[index], keys[index]
@@ -144,3 +155,11 @@ class CachedRewriter:
                 outcomes[index] = RewriteOutcome(rewrite, None)
             await asyncio.to_thread(self._store.cache_rewrites, version, p_hash, fills)
         return [o for o in outcomes if o is not None]
+
+    async def _optimize(
+        self, model: str, params: OptimizeParams, inputs: Sequence[PromptInput]
+    ) -> list[RewriteResult | RewriteFailure]:
+        size = self._task_size
+        tasks = [inputs[start : start + size] for start in range(0, len(inputs), size)]
+        parts = await asyncio.gather(*(self._backend.optimize_batch(model, params, task) for task in tasks))
+        return [result for part in parts for result in part]

@@ -235,6 +235,10 @@ async def run_service(
             thread = threading.Thread(target=stage_loop.run, name=f"{stage.name}-loop", daemon=True)
             thread.start()
             parts.gauges.append(lag_gauge(stage.name, stage_loop, metrics))
+            # Serving only once the stage consumes: `bpo up` (and a readiness probe) then waits for the consumer
+            # group to form, instead of a first job waiting on it.
+            consuming = stage_loop
+            parts.dependencies["kafka_consumer_group"] = lambda: consuming.joined
         tasks = [asyncio.create_task(refresh_gauges(parts.gauges))]
 
         def started(_: int) -> None:

@@ -111,6 +111,7 @@ class StageLoop:
         self._paused_since: float | None = None
         self._committed: dict[tuple[str, int], int] = {}
         self._lag: dict[tuple[str, int], int] = {}
+        self._joined = threading.Event()
 
     @property
     def handled(self) -> int:
@@ -122,6 +123,14 @@ class StageLoop:
     def dead_lettered(self) -> int:
         with self._lock:
             return self._dead_lettered
+
+    @property
+    def joined(self) -> bool:
+        """The consumer has held partitions of ``input_topic`` at least once since ``run`` started: messages
+        published from now on are consumed without waiting for the group to form (a broker may hold a
+        first join for seconds). It stays true through later rebalances and outages, which health reports
+        through the broker's own check."""
+        return self._joined.is_set()
 
     @property
     def paused_for_s(self) -> float:
@@ -160,6 +169,8 @@ class StageLoop:
         try:
             while not self._stop_requested and not self._limit_reached():
                 batch = self._poll(consumer)
+                if not self._joined.is_set() and consumer.assignment():
+                    self._joined.set()
                 if batch:
                     self._settle(consumer, batch)
                 self._refresh_lag(consumer)

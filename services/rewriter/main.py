@@ -38,7 +38,7 @@ async def build(runtime: Runtime) -> ServiceParts:
         runtime.store,
         worker_settings.engine_settings_for,
     )
-    rewriter = CachedRewriter(runtime.store, client, versions, runtime.metrics)
+    rewriter = CachedRewriter(runtime.store, client, versions, runtime.metrics, task_size=settings.optimizer.batch_size)
     broker = redis.Redis.from_url(worker_settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
     runtime.closers.append(lambda: asyncio.to_thread(broker.close))
     served = ServedModels(broker)

@@ -542,6 +542,35 @@ async def test_repeats_inside_a_batch_are_sent_once() -> None:
     assert len(store.cache) == 3
 
 
+async def test_misses_go_out_in_tasks_of_the_task_size_all_at_once() -> None:
+    store, metrics = MemoryStore(), PlatformMetrics()
+    running = 0
+    most_running = 0
+
+    class SlowBackend(FakeBackend):
+        async def optimize_batch(
+            self, model: str, params: OptimizeParams, inputs: Sequence[PromptInput]
+        ) -> list[RewriteResult | RewriteFailure]:
+            nonlocal running, most_running
+            running += 1
+            most_running = max(most_running, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+            return await super().optimize_batch(model, params, inputs)
+
+    backend = SlowBackend()
+    rewriter = CachedRewriter(store, backend, FixedVersions(), metrics, task_size=3)
+    items = [item(str(n), f"Question {n}?") for n in range(7)]
+    outcomes = await rewriter.rewrite(items, "opt", OptimizeParams())
+    assert [len(batch) for batch in backend.batches] == [3, 3, 1]
+    assert most_running == 3  # sent together, not one after the other
+    rewrites = [o.rewrite for o in outcomes]
+    assert [r.item.item_id for r in rewrites if r] == [str(n) for n in range(7)]
+    assert [r.optimized for r in rewrites if r] == [f"Better: Question {n}? []" for n in range(7)]
+    with pytest.raises(ValueError, match="task_size"):
+        CachedRewriter(store, backend, FixedVersions(), metrics, task_size=0)
+
+
 async def test_failures_pass_through_and_are_not_cached() -> None:
     rewriter, store, backend, _ = rewriter_parts(fail=["Too long."])
     items = [item("1", "Too long."), item("2", "Fine."), item("3", "Too long.")]

@@ -249,6 +249,16 @@ def test_successful_batches_commit_past_their_last_offset_per_partition() -> Non
     assert h.consumer.closed_with_autocommit is False
 
 
+def test_the_loop_says_it_has_joined_once_it_holds_partitions() -> None:
+    h = harness({0: ["a"]}, Handler())
+    assert not h.loop.joined
+    h.loop.run()
+    assert h.loop.joined
+    idle = harness({}, Handler())  # no partition to hold: never joined
+    idle.loop.run()
+    assert not idle.loop.joined
+
+
 def test_poison_is_dead_lettered_once_with_its_origin_and_the_batch_committed() -> None:
     h = harness({0: ["a", "poison", "c"], 1: ["d"]}, Handler({"poison"}))
     h.loop.run()
