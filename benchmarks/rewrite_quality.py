@@ -346,6 +346,7 @@ def percent(value: float | None) -> str:
 
 def render(payload: dict[str, Any]) -> str:
     settings = payload["settings"]
+    replayed = [run["optimizer"] for run in payload["runs"] if run.get("settings", {}).get("replayed_from")]
     lines = [
         "# Rewrite quality",
         "",
@@ -357,12 +358,12 @@ def render(payload: dict[str, Any]) -> str:
         "",
         *(
             [
-                "Candidates: the raw completions a live run of the same settings recorded (each item's `raw` in "
-                "the JSON), cleaned, guarded and checked again by the current code (`--replay`); latency: the "
-                "live run's per prompt.",
+                f"Candidates of {', '.join(replayed)}: the raw completions a live run of the same settings recorded "
+                "(each item's `raw` in the JSON), cleaned, guarded and checked again by the current code "
+                "(`--replay`); latency: the live run's per prompt.",
                 "",
             ]
-            if settings.get("replayed_from")
+            if replayed
             else []
         ),
         "| optimizer | prompts | rewrite rate | harm rate | harm / rewrites | guard catch rate | false rejections "
