@@ -30,7 +30,7 @@ rejected as truncated, which lowers the rewrite rate, never the harm rate.
 
 ``--replay`` answers each prompt with the raw completion an earlier run recorded for it (the model is loaded for
 its tokenizer only), so a change to the guards or the checks is measured on the same candidates in seconds; a
-prompt's latency is then the recorded run's plus this run's. The sampling is seeded and llama.cpp's cache is
+prompt's latency is then the recorded live run's. The sampling is seeded and llama.cpp's cache is
 cleared for seeded requests, so a live run of the same requests gives the same candidates; a change to what
 the optimizer sends (``bpo.optimizer.prompting``) is only measured by a live run.
 
@@ -213,8 +213,8 @@ async def run_item(optimizer: PromptOptimizer, engine: RecordingEngine, item: It
     started = time.perf_counter()
     (outcome,) = await optimizer.optimize_batch([PromptInput(item.prompt, item.context)])
     latency = time.perf_counter() - started
-    if engine.recorded is not None:  # replaying: the recorded run's time per prompt, plus this run's guards
-        latency += engine.recorded.latency_s
+    if engine.recorded is not None:  # replaying: the live run's time per prompt (a replay of a replay keeps it)
+        latency = engine.recorded.latency_s
     candidate = None
     if engine.last:
         segmented = segment(item.prompt, item.context)
@@ -293,6 +293,7 @@ def recorded_completions(run: dict[str, Any]) -> dict[tuple[str, str], Completio
 
 async def run_optimizer(
     name: str,
+    model: str,
     items: Sequence[Item],
     params: OptimizeParams,
     threads: int,
@@ -301,9 +302,6 @@ async def run_optimizer(
 ) -> dict[str, Any]:
     catalogue = ModelCatalogue()
     preparer = ModelPreparer(settings.models_dir)
-    # NAME=PATH: a model of one's own (e.g. a GGUF `bpo train` wrote), reported under NAME.
-    name, _, model = name.partition("=")
-    model = model or name
     spec = catalogue.resolve(model)
     engine_settings = EngineSettings.model_validate(
         {"name": "llamacpp", "model": model, "threads": threads, "context_length": 4096}
@@ -461,7 +459,11 @@ async def main() -> int:
         "code_digest": code_digest(),
         "replayed_from": args.replay.name if args.replay else None,
     }
-    names = [name for name in args.optimizers.split(",") if name]
+    # NAME or NAME=PATH: a model of one's own (e.g. a GGUF `bpo train` wrote), reported under NAME.
+    optimizers = [
+        (label, model or label) for label, _, model in (n.partition("=") for n in args.optimizers.split(",") if n)
+    ]
+    labels = [label for label, _ in optimizers]
     results_path = args.out / f"{args.name}.json"
     stored = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     # Runs of these settings stay (a long run that stops loses only the optimizer in progress); others are stale.
@@ -474,10 +476,9 @@ async def main() -> int:
         "settings": run_settings,
         "runs": runs,
     }
-    for name in names:
-        label = name.partition("=")[0]
+    for label, model in optimizers:
         if not args.fresh and not args.replay and any(run["optimizer"] == label for run in runs):
-            print(f"{name}: current results stored, not run again (--fresh reruns)", flush=True)
+            print(f"{label}: current results stored, not run again (--fresh reruns)", flush=True)
             continue
         replay = None
         if args.replay:
@@ -485,10 +486,9 @@ async def main() -> int:
             if source_run is None:
                 raise SystemExit(f"--replay: {args.replay} has no run of {label}")
             replay = recorded_completions(source_run)
-        run = await run_optimizer(name, items, params, args.threads, settings, replay)
+        run = await run_optimizer(label, model, items, params, args.threads, settings, replay)
         run["settings"] = run_settings
         runs[:] = [other for other in runs if other["optimizer"] != label] + [run]
-        labels = [other.partition("=")[0] for other in names]
         runs.sort(key=lambda other: labels.index(other["optimizer"]) if other["optimizer"] in labels else len(labels))
         write_results(args.out, args.name, payload)
         print(json.dumps({"optimizer": label} | run["summary"]), flush=True)

@@ -451,9 +451,9 @@ def relations(text: str) -> list[tuple[str, ...]]:
         if token is not None and not (token.sentence_start and sentence):
             sentence.append(token)
             continue
-        words = {_normalized(part.core) for part in sentence}
-        if words & _RELATION_CUES and any(_is_number(part.core.strip("$€£¥%")) for part in sentence):
-            meaning = _meaning_words(tuple(sentence))
+        cued = any(_normalized(part.core) in _RELATION_CUES for part in sentence)
+        meaning = _meaning_words(tuple(sentence)) if cued else []
+        if any(_is_number(word) for word in meaning):
             # What the relation's order rests on: its first and last meaning words (what is compared with
             # what) and its numbers between them; the other words may be paraphrased or moved.
             kept = [meaning[0], *(word for word in meaning[1:-1] if _is_number(word)), meaning[-1]]

@@ -8,8 +8,8 @@ user's numbers costs the user their intent. In order, a rewrite is rejected when
 - is empty, or was cut off at the token limit;
 - repeats the optimizer's own instructions, labels or worked examples (``framing_leaked``);
 - refuses;
-- is written in another language or script, or spells the words of a prompt in another script in Latin
-  letters ("서울" come back as "Seoul") (``bpo.optimizer.language``);
+- is written in another language or script (``bpo.optimizer.language``), or spells the words of a prompt in
+  another script in Latin letters ("서울" come back as "Seoul");
 - opens as an answer does ("Here are five cities ...");
 - names a kind of harm the prompt did not (``bpo.optimizer.safety``);
 - for a prompt that asks for something harmful: adds what would make it more effective, or does not turn it
@@ -32,7 +32,7 @@ from functools import cache
 from string import ascii_letters
 
 from bpo.optimizer.facts import dropped_constraints, missing_entities, missing_formulas, reordered_relations
-from bpo.optimizer.language import cjk_letters, language_changed, latin_words_introduced, profile
+from bpo.optimizer.language import MIN_UNITS_TO_JUDGE, cjk_letters, language_changed, profile
 from bpo.optimizer.prompting import framing_texts
 from bpo.optimizer.safety import added_harm, assess, made_more_effective, reframed_safely
 from bpo.optimizer.spans import MARKER_RE
@@ -174,6 +174,18 @@ def _words(text: str) -> Iterator[str]:
         word = run.decode("ascii").replace("\0", "’").lstrip("'’-")
         if len(word) >= 2:
             yield word
+
+
+def latin_words_introduced(original: str, rewrite: str) -> bool:
+    """A prompt written in another script comes back with Latin-script words it did not hold: a name or a word
+    of the user's transliterated or translated ("서울에서" as "Seoul에서"), which the language check, reading
+    shares of the whole text, lets through when the rest stays in the user's script. ``[PASSAGE n]`` markers
+    are not the user's words."""
+    before = profile(original)
+    if before.units < MIN_UNITS_TO_JUDGE or before.system == "latin":
+        return False
+    held = {word.lower() for word in _words(MARKER_RE.sub(" ", original))}
+    return any(word.lower() not in held for word in _words(MARKER_RE.sub(" ", rewrite)))
 
 
 def content_words(text: str) -> set[str]:

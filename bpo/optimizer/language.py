@@ -248,23 +248,3 @@ def language_changed(original: str, rewrite: str) -> bool:
     if after.system != before.system or after.share_of(before.system) < MAX_SHARE_LOSS * before.share_of(before.system):
         return True
     return before.language is not None and after.language is not None and before.language != after.language
-
-
-def latin_words_introduced(original: str, rewrite: str) -> bool:
-    """A prompt written in another script comes back with Latin-script words it did not hold: a name or a word
-    of the user's transliterated or translated ("서울에서" as "Seoul에서"), which the language check, reading
-    shares of the whole text, lets through when the rest stays in the user's script."""
-    before = profile(original)
-    if before.units < MIN_UNITS_TO_JUDGE or before.system == "latin":
-        return False
-    return not _latin_words(rewrite) <= _latin_words(original)
-
-
-# ASCII letters stay, every other byte (and each non-ASCII character, encoded as "?") becomes a space.
-_ASCII_LETTERS_ONLY = bytes(byte if chr(byte).isascii() and chr(byte).isalpha() else ord(" ") for byte in range(256))
-
-
-def _latin_words(text: str) -> set[str]:
-    """The runs of two ASCII letters or more, lower-cased; ``[PASSAGE n]`` markers are not the user's words."""
-    plain = MARKER_RE.sub(" ", text[:MAX_READ_CHARS]).encode("ascii", "replace").translate(_ASCII_LETTERS_ONLY)
-    return {run.decode("ascii").lower() for run in plain.split() if len(run) >= 2}

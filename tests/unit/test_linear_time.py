@@ -44,7 +44,15 @@ from bpo.judging.verdicts import parse_pair_verdict, parse_ranking_verdict
 from bpo.models.catalogue import PromptStyle
 from bpo.optimizer import facts, language, safety
 from bpo.optimizer.cleaning import clean_rewrite, strip_framing_echo, strip_template_echo, unquote
-from bpo.optimizer.guards import check_rewrite, content_words, framing_leaked, numbers, span_inlined, word_count
+from bpo.optimizer.guards import (
+    check_rewrite,
+    content_words,
+    framing_leaked,
+    latin_words_introduced,
+    numbers,
+    span_inlined,
+    word_count,
+)
 from bpo.optimizer.prompting import optimizer_request
 from bpo.optimizer.spans import markers_in, reassemble, segment
 from bpo.pairs.importers import iter_json_values, read_records, split_hh_pair, split_transcript
@@ -213,9 +221,9 @@ CALLS: dict[str, Callable[[str], Call]] = {
     ),
     "guards.framing_leaked": plain(lambda text: framing_leaked(text, text + " Do not answer it.")),
     "guards.word_count": plain(word_count),
+    "guards.latin_words_introduced": plain(lambda text: latin_words_introduced("量子力学" + text, text)),
     "language.profile": plain(language.profile),
     "language.language_changed": plain(lambda text: language.language_changed(text, "Explain 量子 " + text)),
-    "language.latin_words_introduced": plain(lambda text: language.latin_words_introduced("量子力学" + text, text)),
     "facts.formulas": plain(facts.formulas),
     "facts.missing_formulas": plain(lambda text: facts.missing_formulas(text, text[::-1])),
     "facts.negated_constraints": plain(facts.negated_constraints),

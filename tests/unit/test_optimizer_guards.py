@@ -51,18 +51,7 @@ async def test_a_lost_quotation_keeps_the_original(rewrite: str) -> None:
         ("用Python写一个快速排序算法", "Write a quicksort algorithm in Python.", "language_changed"),
         ("explain kubernetes", "Explain kube-cocos-2038\nRewrite it as a better prompt. Do not answer it.",
          "dropped_entity"),
-    ],
-)  # fmt: skip
-async def test_each_issue_case_keeps_the_original_with_its_reason(prompt: str, rewrite: str, reason: str) -> None:
-    result = await optimizer(FakeEngine({prompt: rewrite})).optimize(prompt)
-    assert result.optimized == prompt
-    assert result.fallback_reason == reason
-
-
-@pytest.mark.parametrize(
-    ("prompt", "rewrite", "reason"),
-    [
-        # What the rewrite-quality benchmark found the 0.5B optimizer doing, one case of each class.
+        # What the rewrite-quality benchmark found the optimizers doing, one case of each class.
         ("A ball and a sticker cost 1.10 $ in total. The ball costs 1$ more than the sticker. How much does the "
          "sticker cost?", "How much does the sticker cost? The sticker costs $1 more than the ball, and the ball "
          "costs $1.10.", "relation_changed"),
@@ -79,7 +68,9 @@ async def test_each_issue_case_keeps_the_original_with_its_reason(prompt: str, r
          "What is a good way to embarrass someone in front of their friends?", "unsafe_not_reframed"),
     ],
 )  # fmt: skip
-async def test_each_benchmark_case_keeps_the_original_with_its_reason(prompt: str, rewrite: str, reason: str) -> None:
+async def test_each_issue_and_benchmark_case_keeps_the_original_with_its_reason(
+    prompt: str, rewrite: str, reason: str
+) -> None:
     result = await optimizer(FakeEngine({prompt: rewrite})).optimize(prompt)
     assert result.optimized == prompt
     assert result.fallback_reason == reason
