@@ -11,6 +11,7 @@ import grp
 import logging
 import os
 import pwd
+import random
 import signal
 import socket
 import stat
@@ -28,8 +29,11 @@ __all__ = [
     "ManagedProcess",
     "ServiceStartError",
     "SystemUser",
+    "ephemeral_port_range",
     "free_port",
+    "last_line",
     "port_open",
+    "read_tail",
     "resolve_user",
     "run_once",
     "user_can_access",
@@ -105,11 +109,68 @@ def _executable(pid: int) -> str | None:
         return None
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now (the OS picks it)."""
+def read_tail(path: Path, max_chars: int = 4000) -> str:
+    """The end of a log file ("" when it cannot be read)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_chars))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def last_line(path: Path) -> str:
+    """The last non-blank line of a log file, stripped (a crashed Python process's is its exception)."""
+    lines = [line.strip() for line in read_tail(path).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# Linux's default, for systems without /proc (macOS hands out 49152-65535, above it).
+_DEFAULT_EPHEMERAL_PORTS = (32768, 60999)
+# Below it: the well-known and most registered service ports.
+_LOWEST_PICKED_PORT = 10000
+_PORT_ATTEMPTS = 200
+
+
+def ephemeral_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The ports the kernel gives outgoing connections and port-0 binds (inclusive)."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return _DEFAULT_EPHEMERAL_PORTS
+    return low, high
+
+
+def free_port(count: int = 1, *, stride: int = 1, ephemeral: tuple[int, int] | None = None) -> int:
+    """A loopback TCP port ``base`` such that ``base + i * stride`` for ``i < count`` can all be bound right now,
+    chosen outside the ephemeral range: a port the OS picks from that range is released before the server binds
+    it, and any client connecting meanwhile (the platform's processes open many) may be given it as its local
+    port, so the server's bind then fails with "address in use"."""
+    low, high = ephemeral or ephemeral_port_range()
+    reach = (count - 1) * stride
+    below = (_LOWEST_PICKED_PORT, low - reach)
+    above = (high + 1, 65536 - reach)
+    choices = [(first, stop) for first, stop in (below, above) if stop > first]
+    if not choices:
+        raise ServiceStartError(f"no room for {count} ports {stride} apart outside the ephemeral range {low}-{high}")
+    rng = random.SystemRandom()
+    for _ in range(_PORT_ATTEMPTS):
+        first, stop = rng.choice(choices)
+        base = rng.randrange(first, stop)
+        if all(_bindable(base + i * stride) for i in range(count)):
+            return base
+    raise ServiceStartError(f"no {count} free loopback ports {stride} apart found in {_PORT_ATTEMPTS} tries")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -274,14 +335,7 @@ class ManagedProcess:
             self._forget_pid()
 
     def log_tail(self, max_chars: int = 4000) -> str:
-        try:
-            with self.log_path.open("rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                size = handle.tell()
-                handle.seek(max(0, size - max_chars))
-                return handle.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return read_tail(self.log_path, max_chars)
 
     def _stop_orphan(self, timeout_s: float = 30.0) -> None:
         if self.pid_file is None:

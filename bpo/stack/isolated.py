@@ -7,10 +7,16 @@ import os
 import uuid
 from pathlib import Path
 
-from bpo.infra.process import free_port
+from bpo.infra.process import ServiceStartError, free_port
+from bpo.settings import REPLICA_METRICS_OFFSET, REPLICA_PORT_STRIDE, STAGE_SERVICES
 
-# Ports above the metrics base the platform's processes use (services and workers).
-METRICS_SPAN = 16
+# Replicas of each stage service an isolated platform has ports for (the default partition count).
+ISOLATED_REPLICAS = 8
+# Ports above the metrics base the platform's processes use: services, workers, then further stage replicas.
+METRICS_SPAN = REPLICA_METRICS_OFFSET + (ISOLATED_REPLICAS - 1) * len(STAGE_SERVICES)
+GRPC_PORTS = ("JOBS_PORT", "OPTIMIZER_PORT", "GENERATOR_PORT", "JUDGE_PORT")
+EMBEDDED_PORTS = ("EMBEDDED_POSTGRES_PORT", "EMBEDDED_REDIS_PORT", "EMBEDDED_KAFKA_PORT")
+_PICKS = 50
 
 
 def isolated_platform_env(
@@ -37,16 +43,26 @@ def isolated_platform_env(
         "BPO_PLATFORM__TARGET_MODEL": model,
         "BPO_PLATFORM__JUDGE_MODEL": model,
     }
-    # The OS may hand out the same free port twice, and services add up to METRICS_SPAN to the metrics base.
     taken: set[int] = set()
-    for name in (
-        "METRICS_PORT_BASE", "JOBS_PORT", "OPTIMIZER_PORT", "GENERATOR_PORT", "JUDGE_PORT",
-        "EMBEDDED_POSTGRES_PORT", "EMBEDDED_REDIS_PORT", "EMBEDDED_KAFKA_PORT",
-    ):  # fmt: skip
-        port = free_port()
-        while port in taken:
-            port = free_port()
-        taken.update(range(port, port + METRICS_SPAN) if name == "METRICS_PORT_BASE" else (port,))
-        env[f"BPO_PLATFORM__{name}"] = str(port)
+    for name in ("METRICS_PORT_BASE", *GRPC_PORTS, *EMBEDDED_PORTS):
+        if name == "METRICS_PORT_BASE":
+            count, stride = METRICS_SPAN, 1
+        elif name in GRPC_PORTS:
+            count, stride = ISOLATED_REPLICAS, REPLICA_PORT_STRIDE  # replica r listens on port + r * stride
+        else:
+            count, stride = 1, 1
+        base = _distinct_port(taken, count, stride)
+        taken.update(base + i * stride for i in range(count))
+        env[f"BPO_PLATFORM__{name}"] = str(base)
     env.update(extra or {})
     return env
+
+
+def _distinct_port(taken: set[int], count: int, stride: int) -> int:
+    """A free port whose ``count`` ports ``stride`` apart miss ``taken``: ports stay free until bound, so two
+    picks for one platform may overlap."""
+    for _ in range(_PICKS):
+        base = free_port(count, stride=stride)
+        if taken.isdisjoint(base + i * stride for i in range(count)):
+            return base
+    raise ServiceStartError(f"no {count} ports {stride} apart clear of this platform's other ports")

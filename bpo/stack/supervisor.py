@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bpo.errors import BpoError
 from bpo.infra.kafka import EmbeddedKafka
 from bpo.infra.postgres import EmbeddedPostgres
-from bpo.infra.process import ManagedProcess, ServiceStartError
+from bpo.infra.process import ManagedProcess, ServiceStartError, last_line
 from bpo.infra.redis import EmbeddedRedis
 from bpo.infra.urls import mask_url
 from bpo.observability.prometheus import LocalPrometheus
@@ -408,7 +408,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while not prometheus.ready():
             if not child.running() or self._stop.is_set():
-                raise ServiceStartError(f"prometheus exited before it was ready; see {self.logs / 'prometheus.log'}")
+                raise self._start_failure(child)
             if time.monotonic() > deadline:
                 raise ServiceStartError(f"prometheus not ready within {timeout_s:g}s at {prometheus.url}")
             time.sleep(0.5)
@@ -426,14 +426,22 @@ class Supervisor:
                 raise ServiceStartError("stopped before the platform was ready")
             for name in list(pending):
                 if not children[name].running():
-                    log_path = self.logs / f"{name}.log"
-                    raise ServiceStartError(f"{name} exited before it was ready; see {log_path}")
+                    raise self._start_failure(children[name])
                 if grpc_healthy(pending[name], self.settings):
                     del pending[name]
             if time.monotonic() > deadline:
                 raise ServiceStartError(f"not ready within {timeout_s:g}s: {', '.join(pending)}")
             time.sleep(0.5)
         self._wait_workers_announced(deadline)
+
+    def _start_failure(self, child: Component) -> ServiceStartError:
+        """Why ``child`` stopped before it was ready, with its log's last line (usually the exception), so that
+        `bpo up` and a CI log say it without anyone opening the file."""
+        log_path = self.logs / f"{child.name}.log"
+        return ServiceStartError(
+            f"{child.name} exited before it was ready ({child.exit_status()}): {last_line(log_path) or 'no output'}; "
+            f"see {log_path}"
+        )
 
     def _wait_workers_announced(self, deadline: float) -> None:
         if self._announced_workers is None:
@@ -445,7 +453,7 @@ class Supervisor:
                 raise ServiceStartError("stopped before the platform was ready")
             for name in sorted(pending):
                 if not children[name].running():
-                    raise ServiceStartError(f"{name} exited before it was ready; see {self.logs / f'{name}.log'}")
+                    raise self._start_failure(children[name])
             try:
                 pending -= self._announced_workers(self._urls["redis"])
             except Exception as exc:  # Redis not answering yet: asked again until the deadline

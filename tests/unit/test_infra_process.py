@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from bpo.infra import process
 from bpo.infra.kafka import kafka_reachable
 from bpo.infra.process import (
     ManagedProcess,
     ServiceStartError,
     SystemUser,
     _permits,
+    ephemeral_port_range,
     free_port,
     port_open,
     run_once,
@@ -171,6 +173,37 @@ def test_port_open_sees_a_listener(tmp_path: Path) -> None:
         server.listen()
         assert port_open("127.0.0.1", server.getsockname()[1])
     assert not port_open("127.0.0.1", free_port())
+
+
+def test_free_ports_avoid_the_ephemeral_range_and_are_bindable() -> None:
+    low, high = ephemeral_port_range()
+    for _ in range(20):
+        base = free_port(4, stride=100)
+        ports = [base + i * 100 for i in range(4)]
+        assert not any(low <= port <= high for port in ports)
+        for port in ports:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_in_use_is_never_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port(2)))
+        taken = held.getsockname()[1]
+        # Only the held port and the one after it are candidates.
+        monkeypatch.setattr(process, "_LOWEST_PICKED_PORT", taken)
+        assert {free_port(ephemeral=(taken + 2, 65535)) for _ in range(20)} == {taken + 1}
+
+
+def test_the_ephemeral_range_is_read_or_defaulted(tmp_path: Path) -> None:
+    (tmp_path / "range").write_text("20000\t40000\n")
+    assert ephemeral_port_range(tmp_path / "range") == (20000, 40000)
+    assert ephemeral_port_range(tmp_path / "missing") == (32768, 60999)
+
+
+def test_no_room_outside_the_ephemeral_range_is_an_error() -> None:
+    with pytest.raises(ServiceStartError, match="no room"):
+        free_port(10, stride=10000, ephemeral=(1024, 65535))
 
 
 @contextmanager

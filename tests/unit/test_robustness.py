@@ -296,7 +296,13 @@ def test_a_worker_that_dies_or_never_announces_fails_the_start(tmp_path: Path) -
     dead = Child()
     dead.alive = False
     supervisor._children = [dead.component("worker-0")]
-    with pytest.raises(ServiceStartError, match="worker-0 exited before it was ready"):
+    not_ready = r"worker-0 exited before it was ready \(killed by SIGKILL\)"
+    with pytest.raises(ServiceStartError, match=not_ready + ": no output"):
+        supervisor._wait_workers_announced(deadline=time.monotonic() + 30)
+    supervisor.logs.mkdir(parents=True, exist_ok=True)
+    crash = "Traceback (most recent call last):\n  ...\nOSError: [Errno 98] Address in use\n\n"
+    (supervisor.logs / "worker-0.log").write_text(crash)
+    with pytest.raises(ServiceStartError, match=not_ready + r": OSError: \[Errno 98\] Address in use; see "):
         supervisor._wait_workers_announced(deadline=time.monotonic() + 30)
     supervisor._children = [Child().component("worker-0")]
     with pytest.raises(ServiceStartError, match="optimizer workers not serving within the start timeout: worker-0"):
