@@ -28,12 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from bpo.corpus.formats import CorpusRecord
 from bpo.pipeline.client import ADMIN_TOKEN_FILE, JobsClient
@@ -54,7 +56,6 @@ TUNING = {
     "BPO_PLATFORM__STAGE_BATCH_SIZE": "256",
     "BPO_OPTIMIZER__BATCH_SIZE": "256",
     "BPO_OPTIMIZER__MAX_NEW_TOKENS": "64",
-    "BPO_PLATFORM__SWEEP_BATCH": "20000",
 }
 
 
@@ -72,6 +73,9 @@ class Run:
     end_to_end_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
     processes: dict[str, ProcessUsage] = field(default_factory=dict)
+    # Messages the jobs service's sweep published again, by why (bpo_items_republished_total): a clean run has
+    # none but the unpublished ones, each item's first hand-off.
+    republished: dict[str, int] = field(default_factory=dict)
 
     def rates(self) -> dict[str, float]:
         rates = {"submit": self.prompts / self.submit_s, "end_to_end": self.prompts / self.end_to_end_s}
@@ -156,7 +160,20 @@ def bpo(env: dict[str, str], *args: str) -> None:
         raise RuntimeError(f"bpo {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
 
 
-def run_once(count: int, replicas: int, workdir: Path, stub: OpenAIStub) -> Run:
+def republished(metrics_url: str) -> dict[str, int]:
+    """The jobs service's count of re-published items by reason, read from its Prometheus endpoint."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "bpo_items_republished":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["reason"]] = int(sample.value)
+    return counts
+
+
+def run_once(count: int, replicas: int, workdir: Path, stub: OpenAIStub, overrides: dict[str, str]) -> Run:
     state_dir = workdir / f"state-{count}-{replicas}"
     state_dir.mkdir()
     models = BpoSettings().models_dir
@@ -178,6 +195,7 @@ def run_once(count: int, replicas: int, workdir: Path, stub: OpenAIStub) -> Run:
             "BPO_PLATFORM__WORKERS": str(replicas),
             "BPO_PLATFORM__REPLICAS": str(replicas),
             **TUNING,
+            **overrides,
         },
     )
     path = corpus(workdir / f"corpus-{count}.jsonl", count)
@@ -196,6 +214,7 @@ def run_once(count: int, replicas: int, workdir: Path, stub: OpenAIStub) -> Run:
             assert reply.accepted == count, reply
             run.stage_s, run.end_to_end_s = follow(client, reply.job_id, count, started, usage)
         run.processes = usage.finish()
+        run.republished = republished(f"http://127.0.0.1:{env['BPO_PLATFORM__METRICS_PORT_BASE']}/metrics")
         return run
     finally:
         bpo(env, "down")
@@ -231,17 +250,18 @@ def follow(client: JobsClient, job_id: str, count: int, started: float, usage: U
         time.sleep(POLL_S)
 
 
-def markdown(runs: list[Run]) -> str:
+def markdown(runs: list[Run], overrides: dict[str, str]) -> str:
     lines = [
         "| prompts | replicas | submit items/s | rewrite items/s | generate items/s | judge items/s "
-        "| end to end items/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| end to end items/s | re-published (idle, parked) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         r = run.rates()
+        again = f"{run.republished.get('idle', 0):,}, {run.republished.get('parked', 0):,}"
         lines.append(
             f"| {run.prompts:,} | {run.replicas} | {r['submit']} | {r['rewrite']} | {r['generate']} | {r['judge']} "
-            f"| {r['end_to_end']} |"
+            f"| {r['end_to_end']} | {again} |"
         )
     lines += ["", "CPU ms per item and peak RSS (MB) per process:", ""]
     names = sorted({name for run in runs for name in run.processes})
@@ -264,7 +284,7 @@ def markdown(runs: list[Run]) -> str:
             scaling.append(f"- {size:,} prompts, 2 replicas / 1: {ratios}")
     if scaling:
         lines += ["", "Scaling:", "", *scaling]
-    settings = ", ".join(f"{k}={v}" for k, v in TUNING.items())
+    settings = ", ".join(f"{k}={v}" for k, v in (TUNING | overrides).items())
     lines += ["", f"Settings: {settings}; stub answers instantly; {os.cpu_count()} CPUs."]
     return "\n".join(lines) + "\n"
 
@@ -279,8 +299,19 @@ def main() -> None:
         help="explicit SIZE:REPLICAS pairs instead of every size with every replica count, e.g. "
         "10000:1,10000:2,100000:1",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="BPO_NAME=VALUE",
+        help="a platform setting for every run, on top of the benchmark's own (stated in the output), e.g. "
+        "BPO_PLATFORM__SWEEP_IDLE_S=20 to see whether a queued backlog is published again",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    overrides = dict(setting.split("=", 1) for setting in args.set)
+    if not all(name.startswith("BPO_") for name in overrides):
+        parser.error("--set takes BPO_ settings only")
     if args.runs:
         plan = [(int(size), int(replicas)) for size, replicas in (pair.split(":") for pair in args.runs.split(","))]
     else:
@@ -288,25 +319,25 @@ def main() -> None:
     runs: list[Run] = []
     with OpenAIStub() as stub, tempfile.TemporaryDirectory(prefix="bpo-ceiling-") as tmp:
         for size, replicas in plan:
-            run = run_once(size, replicas, Path(tmp), stub)
+            run = run_once(size, replicas, Path(tmp), stub, overrides)
             print(json.dumps({"prompts": size, "replicas": replicas, "rates": run.rates()}), flush=True)
             runs.append(run)
             # After every run, so that a long plan stopped part-way still leaves the runs it finished.
-            write_results(args.out, runs, complete=len(runs) == len(plan))
-    print(markdown(runs))
+            write_results(args.out, runs, overrides, complete=len(runs) == len(plan))
+    print(markdown(runs, overrides))
 
 
-def write_results(out: Path, runs: list[Run], *, complete: bool) -> None:
+def write_results(out: Path, runs: list[Run], overrides: dict[str, str], *, complete: bool) -> None:
     payload: dict[str, Any] = {
         "benchmark": "platform_ceiling",
         "complete": complete,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "settings": TUNING,
+        "settings": TUNING | overrides,
         "runs": [asdict(run) | {"rates": run.rates()} for run in runs],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "platform_ceiling.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "platform_ceiling.md").write_text(markdown(runs))
+    (out / "platform_ceiling.md").write_text(markdown(runs, overrides))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ Platform (the distributed pipeline); an empty URL means "start an embedded one u
     BPO_PLATFORM__ITEM_RETRY_BASE_S / ITEM_RETRY_MAX_S / ITEM_MAX_ATTEMPTS   transient failures of an item:
                                         exponential back-off from the base to the cap, then the item fails
     BPO_PLATFORM__SWEEP_INTERVAL_S / SWEEP_IDLE_S / SWEEP_BATCH   the jobs service re-publishes parked items
-                                        when due and items idle beyond SWEEP_IDLE_S (lost messages)
+                                        when due and items idle beyond SWEEP_IDLE_S in a job that made no
+                                        progress for as long (lost messages, not queued ones)
     BPO_PLATFORM__SUBMISSION_TIMEOUT_S  a submission silent this long is deleted as aborted
     BPO_PLATFORM__MAX_ITEM_BYTES        largest prompt + context of one item (refused beyond, with the reason)
     BPO_PLATFORM__KAFKA_MAX_MESSAGE_BYTES / GRPC_MAX_MESSAGE_BYTES   message size limits of each hop

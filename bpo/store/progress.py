@@ -82,15 +82,15 @@ class ProgressTables:
         return {job_id: found.get(job_id, JobProgressCounts()) for job_id in wanted}
 
     def fold_progress(self, limit: int = 1000) -> int:
-        """Fold the rows of up to ``limit`` jobs that have many into one row each; returns the jobs folded.
-        Rows inserted while this runs are not deleted, so they keep counting."""
+        """Fold the rows of up to ``limit`` jobs that have many into one row each, recorded when the newest of
+        them was; returns the jobs folded. Rows inserted while this runs are not deleted, so they keep counting."""
         sums = ", ".join(f"sum({name})" for name in COUNTERS)
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "WITH crowded AS (SELECT job_id FROM job_progress GROUP BY job_id HAVING count(*) > %s LIMIT %s),"
                 " gone AS (DELETE FROM job_progress p USING crowded c WHERE p.job_id = c.job_id RETURNING p.*),"
-                f" folded AS (INSERT INTO job_progress (job_id, {', '.join(COUNTERS)})"
-                f"  SELECT job_id, {sums} FROM gone GROUP BY job_id RETURNING job_id)"
+                f" folded AS (INSERT INTO job_progress (job_id, {', '.join(COUNTERS)}, recorded_at)"
+                f"  SELECT job_id, {sums}, max(recorded_at) FROM gone GROUP BY job_id RETURNING job_id)"
                 " SELECT count(*) AS n FROM folded",
                 (FOLD_ABOVE, limit),
             ).fetchall()

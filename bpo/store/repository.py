@@ -518,19 +518,14 @@ class PipelineStore(CacheTables, RegistryTables, TeamTables, ProgressTables):
                 (until, reason, wanted, list(UNFINISHED)),
             )
 
-    def mark_published(self, item_ids: Sequence[str]) -> None:
-        wanted = [item_id for item_id in item_ids if is_uuid(item_id)]
-        if not wanted:
-            return
-        with self._pool.connection() as conn:
-            conn.execute("UPDATE items SET published_at = now() WHERE item_id = ANY(%s::uuid[])", (wanted,))
-
     def claim_due_items(self, idle_s: float, limit: int, cutoff: datetime) -> list[ResumeItem]:
         """Unfinished items of running jobs to hand to their next stage again: parked items whose time has come,
-        items never published, and items published before ``min(now - idle_s, cutoff)`` and not done since (their
-        message was lost). Claimed items are marked published now, so concurrent sweeps (several jobs replicas)
-        take different ones and a pass never claims its own items twice; each comes with the stage it needs next
-        and why it was due (``ResumeItem.reason``: parked, unpublished or idle)."""
+        items never published, and items published before ``min(now - idle_s, cutoff)`` and not done since, of a
+        job that has counted no progress for ``idle_s`` either (their message was lost; a job still moving has
+        its messages queued, and they are left where they are). Claimed items are marked published now, so
+        concurrent sweeps (several jobs replicas) take different ones and a pass never claims its own items
+        twice; each comes with the stage it needs next and why it was due (``ResumeItem.reason``: parked,
+        unpublished or idle)."""
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "WITH parked AS ("
@@ -542,7 +537,9 @@ class PipelineStore(CacheTables, RegistryTables, TeamTables, ProgressTables):
                 "  SELECT i.item_id, CASE WHEN i.published_at IS NULL THEN 'unpublished' ELSE 'idle' END AS reason"
                 "  FROM items i JOIN jobs j ON j.job_id = i.job_id AND j.state = 'running'"
                 "  WHERE i.retry_at IS NULL AND i.status = ANY(%(unfinished)s) AND (i.published_at IS NULL"
-                "  OR i.published_at < least(now() - make_interval(secs => %(idle)s), %(cutoff)s))"
+                "  OR (i.published_at < least(now() - make_interval(secs => %(idle)s), %(cutoff)s)"
+                "  AND NOT EXISTS (SELECT 1 FROM job_progress p WHERE p.job_id = i.job_id"
+                "  AND p.recorded_at > now() - make_interval(secs => %(idle)s))))"
                 "  ORDER BY i.published_at NULLS FIRST, i.job_id, i.line LIMIT %(limit)s FOR UPDATE OF i SKIP LOCKED),"
                 " due AS (SELECT * FROM parked UNION ALL SELECT * FROM idle)"
                 " UPDATE items SET published_at = now(), retry_at = NULL FROM due"

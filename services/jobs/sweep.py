@@ -7,7 +7,9 @@ every unfinished item of a running job that is
 
 * **unpublished**: a submission just completed, or an earlier publish failed;
 * **parked** and due: its stage hit a transient error and its back-off has passed;
-* **idle**: published longer than ``idle_s`` ago and not done since (its message was lost).
+* **idle**: published longer than ``idle_s`` ago and not done since, in a job that has made no progress for
+  ``idle_s`` either (its message was lost; in a job still moving it is queued behind others, and a
+  million-item backlog must not be published again every ``idle_s``).
 
 It also deletes submissions whose stream went silent (nobody got their job id) and ends running jobs with nothing
 left to do. At start, a first pass re-publishes every unfinished item (the broker may have lost them all).
