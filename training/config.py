@@ -93,6 +93,10 @@ class TrainConfig(BaseSettings):
     adam_epsilon: float = Field(default=1e-8, gt=0)
 
     epochs: int = Field(default=3, ge=1)
+    # Save the weights of the epoch with the lowest eval loss, not the last epoch's: a few hundred pairs overfit a
+    # 0.5B model within three epochs (eval loss 1.20 after the first, 1.56 after the third). Without eval pairs the
+    # last epoch's are saved.
+    keep_best_epoch: bool = True
     # 0: the epochs decide. Otherwise training stops after this many optimizer steps (tests, smoke runs).
     max_steps: int = Field(default=0, ge=0)
     batch_size: int = Field(default=4, ge=1)

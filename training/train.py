@@ -10,7 +10,7 @@
 3. build examples: the paper's template as input, X_opt + EOS as the only target;
 4. wrap the model in LoRA adapters (peft), or train every weight;
 5. run a plain PyTorch loop: AdamW, warmup then cosine decay, gradient clipping and accumulation, eval loss
-   before training and after every epoch;
+   before training and after every epoch, and keep the epoch with the lowest eval loss;
 6. save into ``<output_dir>/<out>/<version>/``: the merged Hugging Face folder ``<out>/`` (LoRA merged in, with
    the tokenizer and a ``bpo_optimizer.json`` manifest, so the catalogue serves it with the paper's template),
    the LoRA adapter ``adapter/``, ``train_config.json`` (resolved), ``data_manifest.json`` (the exact pair ids and
@@ -95,9 +95,37 @@ class EpochMetrics:
 
 
 @dataclass(slots=True)
+class BestEpoch:
+    """The trainable weights of the epoch with the lowest eval loss so far: copies on the model's device (the
+    adapters only with LoRA; every weight once more in memory for a full fine-tune)."""
+
+    epoch: int = 0
+    eval_loss: float = math.inf
+    weights: dict[str, Any] = field(default_factory=dict)
+
+    def offer(self, epoch: int, eval_loss: float | None, model: Any) -> bool:
+        """Keep a copy of ``model``'s trainable weights when ``eval_loss`` is the lowest yet."""
+        if eval_loss is None or eval_loss >= self.eval_loss:
+            return False
+        self.epoch, self.eval_loss = epoch, eval_loss
+        self.weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        return True
+
+    def restore(self, model: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in self.weights:
+                    parameter.copy_(self.weights[name])
+
+
+@dataclass(slots=True)
 class TrainMetrics:
     eval_loss_before: float | None = None
+    # Of the weights saved: the best epoch's with keep_best_epoch, else the last epoch's.
     eval_loss_after: float | None = None
+    kept_epoch: int = 0
     epochs: list[EpochMetrics] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
     train_examples: int = 0
@@ -115,6 +143,7 @@ class TrainMetrics:
             "eval_loss_after": self.eval_loss_after,
             "train_loss_last_epoch": self.epochs[-1].train_loss if self.epochs else None,
             "epochs": len(self.epochs),
+            "kept_epoch": self.kept_epoch,
             "steps": self.steps,
             "train_examples": self.train_examples,
             "eval_examples": self.eval_examples,
@@ -353,6 +382,7 @@ def train(
     model.train()
     started = time.perf_counter()
     step = 0
+    best = BestEpoch()
     for epoch in range(1, epochs + 1):
         epoch_started = time.perf_counter()
         epoch_loss, epoch_tokens = 0.0, 0
@@ -393,11 +423,20 @@ def train(
         )
         log.info("epoch %d/%d: step %d, train loss %.4f, eval loss %s (%.0fs)", epoch, epochs, step,
                  metrics.epochs[-1].train_loss, _fmt(eval_loss), metrics.epochs[-1].seconds)  # fmt: skip
+        if config.keep_best_epoch:
+            best.offer(epoch, eval_loss, model)
         if step >= total_steps:
             break
     metrics.steps = step
     metrics.train_seconds = time.perf_counter() - started
-    metrics.eval_loss_after = metrics.epochs[-1].eval_loss if metrics.epochs else metrics.eval_loss_before
+    last = metrics.epochs[-1]
+    metrics.kept_epoch, metrics.eval_loss_after = last.epoch, last.eval_loss
+    if best.weights and best.epoch != last.epoch:
+        best.restore(model)
+        metrics.kept_epoch, metrics.eval_loss_after = best.epoch, best.eval_loss
+        log.info("keeping epoch %d's weights: eval loss %s (the last epoch's: %s)", best.epoch, _fmt(best.eval_loss),
+                 _fmt(last.eval_loss))  # fmt: skip
+    best.weights.clear()
 
     # 6. Save.
     resolved = {

@@ -45,6 +45,13 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option(min=1, help="Stop after N optimizer steps (overrides epochs).")
     ] = None,
+    keep_best_epoch: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-best-epoch/--keep-last-epoch",
+            help="Save the epoch with the lowest eval loss (default), or the last one.",
+        ),
+    ] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate (default: 2e-5).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per step (default: 4).")] = None,
     grad_accumulation: Annotated[int | None, typer.Option(min=1, help="Micro-batches per optimizer step.")] = None,
@@ -77,6 +84,7 @@ def train(
         "eval_fraction": eval_fraction,
         "epochs": epochs,
         "max_steps": max_steps,
+        "keep_best_epoch": keep_best_epoch,
         "learning_rate": learning_rate,
         "batch_size": batch_size,
         "grad_accumulation": grad_accumulation,
@@ -102,8 +110,9 @@ def train(
     summary = result.metrics.summary()
     typer.echo(f"{result.name} version {result.version}: {result.run_dir}")
     typer.echo(
-        f"eval loss {summary['eval_loss_before']} -> {summary['eval_loss_after']} over {summary['steps']} steps "
-        f"({summary['train_seconds']}s); gguf: {result.manifest['gguf'].get('status')}"
+        f"eval loss {summary['eval_loss_before']} -> {summary['eval_loss_after']} (epoch {summary['kept_epoch']} of "
+        f"{summary['epochs']} kept) over {summary['steps']} steps ({summary['train_seconds']}s); "
+        f"gguf: {result.manifest['gguf'].get('status')}"
     )
     if config.alias and config.register_version:
         typer.echo(f"alias {config.alias} -> {result.name}@{result.version}")

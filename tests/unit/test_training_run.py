@@ -20,7 +20,7 @@ from training.config import TrainConfig
 from training.data import TrainingPair, build_examples
 from training.gguf_export import GgufUnavailableError, export_gguf, permute_for_llama_cpp
 from training.pairs import MissingPairsError
-from training.train import BaseModel, _to_device, load_pairs, token_loss, train
+from training.train import BaseModel, BestEpoch, _to_device, load_pairs, token_loss, train
 
 pytestmark = pytest.mark.unit
 
@@ -189,6 +189,57 @@ def test_the_same_run_twice_gives_the_same_version(base_folder: Path, tmp_path: 
         output_root=tmp_path / "d",
     ).version  # fmt: skip
     assert other != first
+
+
+def test_the_best_epoch_is_kept_and_restored() -> None:
+    import torch
+
+    layer = torch.nn.Linear(2, 2)
+    best = BestEpoch()
+    assert not best.offer(1, None, layer)  # no eval pairs: nothing to compare
+    assert best.offer(1, 1.0, layer)
+    first = {name: value.clone() for name, value in layer.state_dict().items()}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert not best.offer(2, 1.5, layer) and best.epoch == 1
+    best.restore(layer)
+    assert all(torch.equal(layer.state_dict()[name], value) for name, value in first.items())
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_a_run_saves_the_epoch_with_the_lowest_eval_loss(
+    base_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_best: bool
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from training import train as train_module
+
+    # Eval losses scripted so that the first epoch is the best: before training, then after each of three epochs.
+    losses = iter([2.0, 1.0, 1.5, 1.8])
+    seen: list[dict[str, Any]] = []
+
+    def scripted_eval(model: Any, *args: Any, **kwargs: Any) -> float:
+        seen.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        return next(losses)
+
+    monkeypatch.setattr(train_module, "evaluate", scripted_eval)
+    result = train(
+        config(max_steps=0, epochs=3, keep_best_epoch=keep_best),
+        pairs=ListPairs(make_pairs(24)),
+        base=BaseModel("tiny-llama", base_folder, None),
+        output_root=tmp_path,
+    )
+    metrics = result.metrics
+    assert [e.eval_loss for e in metrics.epochs] == [1.0, 1.5, 1.8]
+    assert (metrics.kept_epoch, metrics.eval_loss_after) == ((1, 1.0) if keep_best else (3, 1.8))
+    assert metrics.summary()["kept_epoch"] == metrics.kept_epoch
+    saved = load_file(result.hf_folder / "model.safetensors")
+    expected = seen[metrics.kept_epoch]  # seen[0] is before training
+    assert all(torch.allclose(saved[name], expected[name].to(saved[name].dtype)) for name in saved)
+    assert not torch.allclose(
+        seen[1]["model.layers.0.mlp.down_proj.weight"], seen[3]["model.layers.0.mlp.down_proj.weight"]
+    )
 
 
 def test_lora_trains_only_adapters_and_exports_them_and_the_merged_model(base_folder: Path, tmp_path: Path) -> None:
