@@ -173,6 +173,17 @@ bench: install models ## Benchmarks: engine throughput, pipeline overhead, the p
 	$(BIN)/python benchmarks/rewrite_quality.py $(if $(FRESH),--fresh)
 	$(BIN)/python benchmarks/judge_calibration.py $(if $(FRESH),--fresh)
 
+# The embedded judge's calibrations that ship in the package: at make run's judge budget and at bpo eval's default.
+SHIPPED_CALIBRATIONS := bpo/resources/judge_calibrations
+CALIBRATED_TOKENS := 256 384
+
+.PHONY: judge-calibrations
+judge-calibrations: install models ## Re-measure the calibrations of the embedded judge shipped in bpo/resources/judge_calibrations (10 minutes)
+	for tokens in $(CALIBRATED_TOKENS); do \
+		$(BIN)/bpo judge calibrate --judge $(DEFAULT_MODEL) --template pair-v2 --limit 100 --max-tokens $$tokens \
+			--out $(SHIPPED_CALIBRATIONS)/$(DEFAULT_MODEL)__pair-v2__$$tokens || exit 1; \
+	done
+
 .PHONY: clean
 clean: ## Remove the virtual environment and build outputs (prepared models stay in the state dir)
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

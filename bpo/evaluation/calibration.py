@@ -18,6 +18,10 @@ Every interval is a percentile bootstrap over pairs (``bpo.evaluation.stats``), 
 under the state directory keyed by the judge's endpoint name, its model version and its judge template (which
 names the prompting variant), so that ``bpo eval`` can show it beside every ΔWR its judge produced and warn
 when it is missing or no better than chance.
+
+The project also ships its own calibrations of the embedded judges (``bpo/resources/judge_calibrations``, each
+folder as ``bpo judge calibrate --out`` wrote it): a fresh platform's reports carry those, marked as shipped,
+until its operator measures the judge on the platform itself, whose calibration then takes precedence.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,10 @@ from bpo.settings import BpoSettings
 
 CHANCE_ACCURACY = 0.5
 CALIBRATIONS_FOLDER = "judge-calibrations"
+SHIPPED_CALIBRATIONS_FOLDER = "judge_calibrations"
+SHIPPED_CALIBRATION_FILE = "calibration.json"
+# The shipped folders are the project's own, a handful; the bound keeps a stray tree from being walked.
+MAX_SHIPPED_CALIBRATIONS = 64
 # Failures listed in the Markdown; the JSON has them all.
 MAX_FAILURES_SHOWN = 20
 
@@ -410,6 +419,48 @@ class CalibrationStore:
         return calibration
 
 
+class ShippedCalibrations:
+    """The calibrations the project measured and ships, one folder each (``calibration.json`` and
+    ``calibration.md`` as ``bpo judge calibrate --out`` writes them). They describe a model version with a
+    template on an engine, whatever a platform calls its judge endpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @classmethod
+    def packaged(cls) -> ShippedCalibrations:
+        return cls(Path(str(resources.files("bpo.resources").joinpath(SHIPPED_CALIBRATIONS_FOLDER))))
+
+    def all(self) -> list[JudgeCalibration]:
+        """Every shipped calibration, in folder order; one that cannot be read is an error (a packaging bug)."""
+        paths = sorted(self.directory.glob(f"*/{SHIPPED_CALIBRATION_FILE}"))
+        if len(paths) > MAX_SHIPPED_CALIBRATIONS:
+            raise InvalidConfigurationError(
+                f"{self.directory} holds {len(paths)} calibrations, more than {MAX_SHIPPED_CALIBRATIONS}"
+            )
+        calibrations = []
+        for path in paths:
+            try:
+                calibrations.append(JudgeCalibration.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidConfigurationError(f"shipped judge calibration {path} cannot be read ({exc})") from exc
+        return calibrations
+
+    def find(self, model_version: str, template: str, engine: str, max_tokens: int) -> JudgeCalibration | None:
+        """The shipped calibration of this model version, template and engine; of several, the one measured
+        with ``max_tokens`` new tokens a judgement, else the one with the most."""
+        matches = [
+            calibration
+            for calibration in self.all()
+            if calibration.key.model_version == model_version
+            and calibration.key.template == template
+            and calibration.settings.get("engine") == engine
+        ]
+        if not matches:
+            return None
+        return max(matches, key=lambda c: (c.max_tokens == max_tokens, c.max_tokens or 0))
+
+
 # --- presentation -------------------------------------------------------------------------------------------
 
 
@@ -528,13 +579,22 @@ class JudgeCalibrationStatus:
     key: CalibrationKey | None = None
     calibration: JudgeCalibration | None = None
     problem: str | None = None
+    shipped: bool = False
+
+    @property
+    def source(self) -> str:
+        """Who measured the calibration: this platform's operator, or the project (shipped with bpo)."""
+        if self.calibration is None:
+            return "none"
+        return "shipped with bpo" if self.shipped else "this platform"
 
     def accuracy_text(self) -> str:
         """The cell shown beside each ΔWR: the accuracy and its interval, or why there is none."""
         if self.calibration is None:
             return "not calibrated"
         summary = self.calibration.summary
-        return f"{rate_ci(summary.accuracy, summary.accuracy_ci)}, n={summary.n}"
+        origin = ", shipped with bpo" if self.shipped else ""
+        return f"{rate_ci(summary.accuracy, summary.accuracy_ci)}, n={summary.n}{origin}"
 
     def warnings(self) -> list[str]:
         command = f"bpo judge calibrate --judge {self.judge} --template {self.template}"
@@ -562,6 +622,7 @@ class JudgeCalibrationStatus:
             "model_version": None if self.key is None else self.key.model_version,
             "eval_max_tokens": self.eval_max_tokens,
             "problem": self.problem,
+            "source": self.source,
             "calibration": None
             if calibration is None
             else {
@@ -574,11 +635,17 @@ class JudgeCalibrationStatus:
 
 
 def calibration_status(
-    settings: BpoSettings, judge: str, template: str, eval_max_tokens: int
+    settings: BpoSettings,
+    judge: str,
+    template: str,
+    eval_max_tokens: int,
+    shipped: ShippedCalibrations | None = None,
 ) -> JudgeCalibrationStatus:
-    """The stored calibration of ``judge`` (a declared endpoint) with ``template``, for the model version the
-    endpoint has as declared here, found without loading the model. The declarations are this machine's: a
-    platform whose judge endpoint is declared differently has its calibrations under its own model version."""
+    """The calibration of ``judge`` (a declared endpoint) with ``template``, for the model version the endpoint
+    has as declared here, found without loading the model: the one stored on this platform, else the one
+    shipped for that model version, template and engine (``shipped``, default the packaged ones). The
+    declarations are this machine's: a platform whose judge endpoint is declared differently has its
+    calibrations under its own model version."""
     try:
         endpoints = Endpoints.from_settings(settings)
         engine_settings = endpoints.engine_settings(endpoints.get(judge, "judge"))
@@ -587,6 +654,11 @@ def calibration_status(
     except BpoError as exc:
         return JudgeCalibrationStatus(judge, template, eval_max_tokens, problem=f"its model version is unknown: {exc}")
     key = CalibrationKey(judge, version, template)
+    own = CalibrationStore.under(settings.state_dir).load(key)
+    if own is not None:
+        return JudgeCalibrationStatus(judge, template, eval_max_tokens, key=key, calibration=own)
+    library = ShippedCalibrations.packaged() if shipped is None else shipped
+    found = library.find(version, template, engine_settings.name, eval_max_tokens)
     return JudgeCalibrationStatus(
-        judge, template, eval_max_tokens, key=key, calibration=CalibrationStore.under(settings.state_dir).load(key)
+        judge, template, eval_max_tokens, key=key, calibration=found, shipped=found is not None
     )

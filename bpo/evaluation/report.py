@@ -381,9 +381,12 @@ def _calibration_lines(report: EvalReport) -> list[str]:
             *summary_cells(summary),
             "—" if calibration.max_tokens is None else calibration.max_tokens,
             calibration.created,
+            status.source,
         )
     ]
-    header = ("judge", "template", "model version", "known pairs", *SUMMARY_HEADER, "max tokens", "calibrated")
+    header = (
+        "judge", "template", "model version", "known pairs", *SUMMARY_HEADER, "max tokens", "calibrated", "by",
+    )  # fmt: skip
     return [*_table(header, rows), "", STATISTICS_NOTE]
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,15 @@ from bpo.evaluation.calibration import (
     CalibrationStore,
     JudgeCalibration,
     JudgeCalibrationStatus,
+    ShippedCalibrations,
     calibrate,
     calibration_status,
 )
 from bpo.evaluation.report import EvalReport, render_markdown, report_dict
 from bpo.judging.calibration import KnownPairJudgement, PairFailure
+from bpo.judging.pairwise import DEFAULT_JUDGE_TEMPLATE
 from bpo.models.catalogue import ModelCatalogue
+from bpo.pipeline.jobspec import DEFAULT_JUDGE_TOKENS
 from bpo.settings import BpoSettings
 from tests.unit.test_eval_report import comparison, make_report
 
@@ -117,3 +121,63 @@ def test_calibrate_refuses_what_it_cannot_do(
     assert isinstance(result.exception, BpoError) and result.exit_code != 0
     assert message in str(result.exception)
     assert not (tmp_path / "judge-calibrations").exists()
+
+
+def shipped_library(tmp_path: Path, *calibrations: JudgeCalibration) -> ShippedCalibrations:
+    for index, shipped in enumerate(calibrations):
+        folder = tmp_path / "shipped" / f"run-{index}"
+        folder.mkdir(parents=True)
+        (folder / "calibration.json").write_text(json.dumps(shipped.to_dict()), encoding="utf-8")
+    return ShippedCalibrations(tmp_path / "shipped")
+
+
+def measured(key: CalibrationKey, correct: int, engine: str, max_tokens: int) -> JudgeCalibration:
+    return calibrate(key, JUDGE, [CORRECT] * correct + [WRONG] * 10, [], {"max_tokens": max_tokens, "engine": engine})
+
+
+def test_a_fresh_platform_reports_the_shipped_calibration_until_it_measures_its_own(tmp_path: Path) -> None:
+    settings = BpoSettings(state_dir=tmp_path / "state")
+    version = calibration_status(settings, JUDGE, "pair-v2", 256).key
+    assert version is not None
+    # Shipped under another endpoint name: a calibration describes the model, not what a platform calls it.
+    shipped_key = CalibrationKey("the-projects-judge", version.model_version, "pair-v2")
+    library = shipped_library(
+        tmp_path,
+        measured(shipped_key, 30, "llamacpp", 384),
+        measured(shipped_key, 20, "llamacpp", 256),
+        measured(shipped_key, 40, "hf", 256),
+        measured(CalibrationKey("x", "another-version", "pair-v2"), 40, "llamacpp", 256),
+    )
+    status = calibration_status(settings, JUDGE, "pair-v2", 256, library)
+    assert status.shipped and status.calibration is not None and status.source == "shipped with bpo"
+    assert status.calibration.max_tokens == 256 and status.calibration.summary.n == 30  # same tokens, same engine
+    assert calibration_status(settings, JUDGE, "pair-v2", 512, library).calibration.max_tokens == 384  # type: ignore[union-attr]
+    assert calibration_status(settings, JUDGE, "ranking", 256, library).calibration is None
+    text = render_markdown(report_with(status))
+    assert ", n=30, shipped with bpo |" in text and "| shipped with bpo |" in text.split("## Judge calibration")[1]
+    assert report_dict(report_with(status))["judge_calibration"]["source"] == "shipped with bpo"
+
+    own = calibration(45, 5, key=version)
+    CalibrationStore.under(settings.state_dir).save(own)
+    status = calibration_status(settings, JUDGE, "pair-v2", 256, library)
+    assert not status.shipped and status.source == "this platform"
+    assert status.calibration is not None and status.calibration.to_dict() == own.to_dict()
+
+
+def test_an_unreadable_shipped_calibration_is_an_error(tmp_path: Path) -> None:
+    folder = tmp_path / "shipped" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "calibration.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(BpoError, match="cannot be read"):
+        ShippedCalibrations(tmp_path / "shipped").all()
+
+
+def test_the_embedded_judge_ships_with_its_calibration(tmp_path: Path) -> None:
+    """The packaged calibrations stay attached to the pinned weights they measured: a new pin must re-measure."""
+    packaged = ShippedCalibrations.packaged().all()
+    assert packaged
+    pinned = {spec.sha256[:12] for spec in ModelCatalogue() if spec.sha256}
+    assert all(c.key.model_version in pinned and c.settings.get("engine") for c in packaged)
+    settings = BpoSettings(state_dir=tmp_path)
+    status = calibration_status(settings, settings.platform.judge_model, DEFAULT_JUDGE_TEMPLATE, DEFAULT_JUDGE_TOKENS)
+    assert status.shipped and status.calibration is not None and status.calibration.summary.n >= 40
