@@ -166,9 +166,10 @@ dashboards: install ## Regenerate the Grafana dashboards' JSON and the k8s Prome
 	$(BIN)/python -m bpo.observability
 
 .PHONY: bench
-bench: install models ## Benchmarks: engine throughput, pipeline overhead, the platform's ceiling, rewrite quality, judge calibration (JSON + tables in benchmarks/results; FRESH=1 reruns stored model runs)
+bench: install models ## Benchmarks: engine throughput, pipeline overhead, the OpenAI client's cost, the platform's ceiling, rewrite quality, judge calibration (JSON + tables in benchmarks/results; FRESH=1 reruns stored model runs)
 	$(BIN)/python benchmarks/optimizer_throughput.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/openai_client.py
 	$(BIN)/python benchmarks/platform_ceiling.py
 	$(BIN)/python benchmarks/rewrite_quality.py $(if $(FRESH),--fresh)
 	$(BIN)/python benchmarks/judge_calibration.py $(if $(FRESH),--fresh)
