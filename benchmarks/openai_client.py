@@ -26,10 +26,9 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from bpo.engines.base import ChatMessage, EngineClient, GenerationRequest, Model
 from bpo.engines.factory import build_engine, resolve_spec
 from bpo.engines.openai_compat import OpenAICompatEngine
 from bpo.engines.retry import RetryPolicy
+from bpo.infra.process import ManagedProcess, free_port, port_open
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.settings import BpoSettings, EngineSettings
@@ -52,26 +52,19 @@ BASELINE = "sdk-httpx"
 STUB_START_S = 30.0
 
 
-def free_local_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_stub(port: int) -> subprocess.Popen[bytes]:
-    """The stub in its own process, answering once it accepts connections (bounded wait)."""
-    stub = subprocess.Popen([sys.executable, "-m", "bpo.testing.openai_stub", "--port", str(port)])
-    deadline = time.monotonic() + STUB_START_S
-    while time.monotonic() < deadline:
-        if stub.poll() is not None:
-            raise SystemExit(f"the stub exited with status {stub.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return stub
-        except OSError:
-            time.sleep(0.1)
-    stub.kill()
-    raise SystemExit(f"the stub did not accept connections within {STUB_START_S:g} s")
+def start_stub(port: int, log_dir: Path) -> ManagedProcess:
+    """The stub in its own process, returned once it accepts connections."""
+    stub = ManagedProcess(
+        "openai-stub", [sys.executable, "-m", "bpo.testing.openai_stub", "--port", str(port)],
+        log_path=log_dir / "openai-stub.log",
+    )  # fmt: skip
+    stub.start()
+    try:
+        stub.wait_ready(lambda: port_open("127.0.0.1", port), STUB_START_S)
+    except BaseException:
+        stub.stop()
+        raise
+    return stub
 
 
 def requests_for(count: int) -> list[GenerationRequest]:
@@ -184,13 +177,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    port = free_local_port()
-    stub = start_stub(port)
-    try:
-        samples = asyncio.run(measure(args, f"http://127.0.0.1:{port}/benchmark/v1"))
-    finally:
-        stub.terminate()
-        stub.wait(timeout=10)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bpo-openai-client-") as log_dir:
+        stub = start_stub(port, Path(log_dir))
+        try:
+            samples = asyncio.run(measure(args, f"http://127.0.0.1:{port}/benchmark/v1"))
+        finally:
+            stub.stop()
     summary = summarise(samples)
     payload: dict[str, Any] = {
         "benchmark": "openai_client",

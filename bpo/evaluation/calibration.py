@@ -593,7 +593,7 @@ class JudgeCalibrationStatus:
         if self.calibration is None:
             return "not calibrated"
         summary = self.calibration.summary
-        origin = ", shipped with bpo" if self.shipped else ""
+        origin = f", {self.source}" if self.shipped else ""
         return f"{rate_ci(summary.accuracy, summary.accuracy_ci)}, n={summary.n}{origin}"
 
     def warnings(self) -> list[str]:

@@ -5,7 +5,6 @@ and 5xx, a refused request failing alone, and an unreachable endpoint reported a
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pydantic import SecretStr
 from bpo.engines.base import ChatMessage, Completion, EngineClient, GenerationRequest, SamplingParams
 from bpo.engines.factory import build_engine, resolve_spec
 from bpo.errors import EngineUnavailableError, InvalidPromptError
+from bpo.infra.process import free_port
 from bpo.models.catalogue import ModelCatalogue
 from bpo.models.prepare import ModelPreparer
 from bpo.settings import EngineSettings
@@ -103,10 +103,7 @@ def test_a_refused_request_fails_alone_and_is_not_retried(stub: OpenAIStub) -> N
 
 
 def test_an_unreachable_endpoint_is_unavailable() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # Nothing listens on the port once the probe is closed.
-    engine = engine_for(f"http://127.0.0.1:{port}/v1", max_attempts=2)
+    # A port that can be bound right now: nothing listens on it.
+    engine = engine_for(f"http://127.0.0.1:{free_port()}/v1", max_attempts=2)
     [outcome] = asyncio.run(generate_each(engine, [ask("hello")]))
     assert isinstance(outcome, EngineUnavailableError), outcome
