@@ -88,7 +88,9 @@ def test_a_hung_endpoint_times_out_within_the_request_timeout(stub: OpenAIStub) 
 @pytest.mark.parametrize("status", [429, 503])
 def test_a_rate_limited_or_failing_endpoint_is_retried_until_it_answers(stub: OpenAIStub, status: int) -> None:
     stub.route("flaky").fail_for(0.3, status=status)
-    engine = engine_for(stub.url("flaky"), max_attempts=8)
+    # Back-off is full jitter capped at 0.2 s, so eight attempts could all land inside the 0.3 s of failures
+    # (it failed so once in a full test run); thirty span ~2.7 s on average, far past the window.
+    engine = engine_for(stub.url("flaky"), max_attempts=30)
     [outcome] = asyncio.run(generate_each(engine, [ask("hello")]))
     assert isinstance(outcome, Completion), outcome
     assert stub.calls("flaky").failed >= 1 and stub.calls("flaky").requests > stub.calls("flaky").failed
